@@ -1,0 +1,46 @@
+# make serve  — set up if needed, then serve configs/models.json on gRPC port 9000
+# make test   — set up if needed, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+BUILD  := $(CURDIR)/build
+CONFIG ?= configs/models.json
+PORT   ?= 9000
+
+.PHONY: setup serve test bench protos loaders lint clean
+
+setup: $(STAMP) loaders configs/models/dummy/1/model.xml
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "hotserve needs Python >= 3.11 ($(PYTHON))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+loaders:
+	@$(MAKE) --no-print-directory -C loaders OUT=$(BUILD)
+
+configs/models/dummy/1/model.xml: | $(STAMP)
+	$(BIN)/python configs/build_samples.py
+
+serve: setup
+	$(BIN)/hotserve serve --config_path $(CONFIG) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/reload.py
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(BUILD) $(VENV)

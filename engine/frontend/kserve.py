@@ -1,0 +1,160 @@
+"""KServe v2 gRPC (`inference.GRPCInferenceService`) as tritonclient and perf_analyzer speak it: messages ⇄ dataplane."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from .. import __version__
+from ..errors import Code, ServingError
+from ..status import State
+from ..tensors import TensorSpec
+from . import codec
+from .dataplane import DataPlane, Tensor, parse_version
+from .generated.inference import grpc_service_pb2 as pb
+from .generated.inference import grpc_service_pb2_grpc as pb_grpc
+from .generated.inference import model_config_pb2 as mc
+from .grpc_errors import guarded
+
+SERVER_NAME = "hotserve"
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+def _config_type(datatype: str) -> int:
+    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    @guarded
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @guarded
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.ready)
+
+    @guarded
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["model_repository(read-only)"])
+
+    @guarded
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, parse_version(request.version)))
+
+    @guarded
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        meta = self.plane.metadata(request.name, parse_version(request.version))
+        return pb.ModelMetadataResponse(
+            name=meta.name,
+            versions=[str(v) for v in meta.versions],
+            platform="OpenVINO",
+            inputs=[_tensor_metadata(s) for s in meta.inputs],
+            outputs=[_tensor_metadata(s) for s in meta.outputs],
+        )
+
+    @guarded
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        meta = self.plane.metadata(request.name, parse_version(request.version))
+        config = mc.ModelConfig(
+            name=meta.name,
+            platform="openvino",
+            backend="openvino",
+            max_batch_size=0,  # dims below include the batch axis, as the model declares it
+            input=[mc.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=list(s.shape)) for s in meta.inputs],
+            output=[mc.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=list(s.shape)) for s in meta.outputs],
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    @guarded
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        inputs = _decode_inputs(request)
+        outputs = [o.name for o in request.outputs]
+        version, results = await self.plane.infer(request.model_name, parse_version(request.model_version), inputs, outputs)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
+        for tensor in results:
+            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+            response.raw_output_contents.append(codec.encode(tensor.data))
+        return response
+
+    @guarded
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for view in self.plane.models():
+            if not view.versions:
+                response.models.add(name=view.name, version="", state="UNAVAILABLE", reason=view.error or "no version")
+            for status in view.versions:
+                ready = status.state == State.AVAILABLE
+                if request.ready and not ready:
+                    continue
+                reason = "" if status.error_message == "OK" else status.error_message
+                response.models.add(
+                    name=view.name, version=str(status.version), state="READY" if ready else status.state.name, reason=reason
+                )
+        return response
+
+    @guarded
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        names = [request.name] if request.name else [v.name for v in self.plane.models()]
+        wanted = parse_version(request.version)
+        response = pb.ModelStatisticsResponse()
+        for name in names:
+            for number, slot in sorted(self.plane.registry.model(name).slots.items()):
+                if wanted and number != wanted:
+                    continue
+                stats = slot.stats
+                entry = response.model_stats.add(
+                    name=name,
+                    version=str(number),
+                    last_inference=stats.last_inference_ms,
+                    inference_count=stats.success,
+                    execution_count=stats.success,
+                )
+                entry.inference_stats.success.count = stats.success
+                entry.inference_stats.success.ns = stats.success_ns
+                entry.inference_stats.fail.count = stats.failure
+                entry.inference_stats.fail.ns = stats.failure_ns
+                entry.inference_stats.compute_infer.count = stats.success
+                entry.inference_stats.compute_infer.ns = stats.success_ns
+        return response
+
+    @guarded
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        raise ServingError(Code.CONFIG_FROM_FILE_ONLY, "add the model to models.json to load it")
+
+    @guarded
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        raise ServingError(Code.CONFIG_FROM_FILE_ONLY, "remove the model from models.json to unload it")
+
+
+def _decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
+    raw = request.raw_input_contents
+    if raw and any(t.HasField("contents") for t in request.inputs):
+        raise ServingError(Code.INVALID_MESSAGE_STRUCTURE)
+    if raw and len(raw) != len(request.inputs):
+        raise ServingError(
+            Code.INVALID_MESSAGE_STRUCTURE,
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs",
+        )
+    tensors = []
+    for i, tensor in enumerate(request.inputs):
+        shape = tuple(tensor.shape)
+        if raw:
+            data = codec.decode_raw(tensor.name, tensor.datatype, shape, raw[i])
+        else:
+            field = codec.CONTENTS_FIELD.get(tensor.datatype, "")
+            values = getattr(tensor.contents, field) if field else []
+            data = codec.decode_typed(tensor.name, tensor.datatype, shape, values)
+        tensors.append(Tensor(tensor.name, tensor.datatype, shape, data))
+    return tensors
+
+
+def register(server: grpc.aio.Server, plane: DataPlane) -> str:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(plane), server)
+    return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -1,0 +1,156 @@
+"""name → versions → the served version a request gets; leases so a retiring version waits for its requests.
+
+Everything here runs on the event loop thread, so there are no locks: a swap is one assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from .errors import Code, ServingError
+from .runtime import ServedVersion
+from .status import State, VersionStatus, log_change
+
+log = logging.getLogger("hotserve.modelmanager")
+
+LOAD_WAIT_SECONDS = 10.0  # OVMS waits this long for a version that is still loading before answering UNAVAILABLE
+
+
+@dataclass
+class VersionStats:
+    """Cumulative per-version counters for ModelStatistics and metrics."""
+
+    success: int = 0
+    failure: int = 0
+    success_ns: int = 0
+    failure_ns: int = 0
+    last_inference_ms: int = 0
+
+
+@dataclass
+class Slot:
+    status: VersionStatus
+    served: ServedVersion | None = None
+    stats: VersionStats = field(default_factory=VersionStats)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Model:
+    name: str
+    slots: dict[int, Slot] = field(default_factory=dict)
+    error: str | None = None  # a model-level problem (missing base_path, unknown loader, invalid config entry)
+
+    def default_version(self) -> int | None:
+        """The highest AVAILABLE version: what a request without a version gets."""
+        ready = [v for v, s in self.slots.items() if s.status.state == State.AVAILABLE and s.served is not None]
+        return max(ready) if ready else None
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.models: dict[str, Model] = {}
+
+    # ---- reads (front end) ----
+    def model(self, name: str) -> Model:
+        found = self.models.get(name)
+        if found is None:
+            raise ServingError(Code.MODEL_NAME_MISSING)
+        return found
+
+    def slot(self, name: str, version: int | None) -> tuple[int, Slot]:
+        """The slot a request names; version None or 0 = the default version."""
+        model = self.model(name)
+        if not version:
+            default = model.default_version()
+            if default is None:
+                raise ServingError(Code.MODEL_VERSION_MISSING)
+            return default, model.slots[default]
+        found = model.slots.get(version)
+        if found is None:
+            raise ServingError(Code.MODEL_VERSION_MISSING)
+        return version, found
+
+    @asynccontextmanager
+    async def lease(self, name: str, version: int | None, wait: float = LOAD_WAIT_SECONDS) -> AsyncIterator[Slot]:
+        """Hold a served version for the length of a request; retiring it waits until the lease is released."""
+        number, slot = self.slot(name, version)
+        served = await self._ready(slot, wait)
+        served.acquire()
+        try:
+            yield slot
+        finally:
+            served.release()
+
+    async def _ready(self, slot: Slot, wait: float) -> ServedVersion:
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            status = slot.status
+            if status.state == State.AVAILABLE and slot.served is not None:
+                return slot.served
+            if status.state > State.AVAILABLE:
+                raise ServingError(Code.MODEL_VERSION_NOT_LOADED_ANYMORE)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if status.failed or remaining <= 0:
+                detail = status.error_message if status.failed else ""
+                raise ServingError(Code.MODEL_VERSION_NOT_LOADED_YET, detail)
+            slot.changed.clear()
+            try:
+                await asyncio.wait_for(slot.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def statuses(self, name: str) -> list[VersionStatus]:
+        return [s.status for _, s in sorted(self.model(name).slots.items())]
+
+    # ---- writes (reconciler) ----
+    def ensure(self, name: str) -> Model:
+        return self.models.setdefault(name, Model(name))
+
+    def set_status(self, name: str, status: VersionStatus) -> None:
+        model = self.ensure(name)
+        slot = model.slots.get(status.version)
+        if slot is None:
+            slot = model.slots[status.version] = Slot(status)
+            log_change(name, status)
+        else:
+            before = slot.status
+            slot.status = status
+            if (before.state, before.error_code) != (status.state, status.error_code):
+                log_change(name, status)
+        slot.changed.set()
+
+    def install(self, name: str, served: ServedVersion, status: VersionStatus) -> ServedVersion | None:
+        """Swap in a compiled version atomically; returns the one it replaced (to drain and free)."""
+        model = self.ensure(name)
+        before = model.default_version()
+        slot = model.slots.get(served.version)
+        old = slot.served if slot is not None else None
+        if slot is None:
+            slot = model.slots[served.version] = Slot(status)
+        slot.served = served
+        self.set_status(name, status)
+        self._log_default(model, before)
+        return old
+
+    def take(self, name: str, version: int) -> ServedVersion | None:
+        """Detach a version's compiled model (when it retires); the caller drains and frees it."""
+        model = self.models[name]
+        before = model.default_version()
+        slot = model.slots[version]
+        served, slot.served = slot.served, None
+        self._log_default(model, before)
+        return served
+
+    def _log_default(self, model: Model, before: int | None) -> None:
+        after = model.default_version()
+        if after == before:
+            return
+        if after is None:
+            log.info("Model: %s will not have default version since no version is available.", model.name)
+        else:
+            log.info("Updated default version for model: %s, to: %d (from: %s)", model.name, after, before)

@@ -1,0 +1,290 @@
+"""OpenVINO: read (files or loader buffers) → reshape → compile (with or without cache) → a served version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from . import cache as cache_rules
+from . import versions
+from .config import AUTO, ModelConfig
+from .tensors import TensorSpec, spec_of
+
+log = logging.getLogger("hotserve.modelmanager")
+
+
+class LoadError(Exception):
+    """A version could not be loaded; the message is the real reason, shown in status."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a version's model comes from: files on disk, or buffers handed over by a custom loader."""
+
+    version_dir: Path
+    loaded: object | None = None  # engine.loader_bridge.LoadedModel when a custom loader is used
+
+
+def _dimension(text: str) -> ov.Dimension:
+    if text == "-1":
+        return ov.Dimension()
+    if ":" in text:
+        lo, hi = text.split(":")
+        return ov.Dimension(int(lo), int(hi))
+    return ov.Dimension(int(text))
+
+
+def _batch_index(layout: str | None) -> int:
+    """The batch axis: the N of the model-side layout, else the first axis (OVMS's default layout N...)."""
+    if layout:
+        model_side = layout.split(":")[-1]
+        if "N" in model_side and "..." not in model_side.split("N")[0]:
+            return model_side.index("N")
+    return 0
+
+
+def _layout_for(model: ModelConfig, name: str, only_input: bool) -> str | None:
+    if not model.layout:
+        return None
+    if name in model.layout:
+        return model.layout[name]
+    return model.layout.get(None) if only_input else None
+
+
+def _apply_layout(ov_model: ov.Model, model: ModelConfig) -> ov.Model:
+    if not model.layout:
+        return ov_model
+    ppp = ov.preprocess.PrePostProcessor(ov_model)
+    single = len(ov_model.inputs) == 1
+    for port in ov_model.inputs:
+        layout = _layout_for(model, port.any_name, single)
+        if layout is None:
+            continue
+        request_side, _, model_side = layout.partition(":")
+        if model_side:
+            ppp.input(port.any_name).tensor().set_layout(ov.Layout(request_side))
+            ppp.input(port.any_name).model().set_layout(ov.Layout(model_side))
+        else:
+            ppp.input(port.any_name).model().set_layout(ov.Layout(request_side))
+    for port in ov_model.outputs:
+        layout = model.layout.get(port.any_name)
+        if layout is None:
+            continue
+        model_side, _, request_side = layout.partition(":")
+        ppp.output(port.any_name).model().set_layout(ov.Layout(model_side))
+        if request_side:
+            ppp.output(port.any_name).tensor().set_layout(ov.Layout(request_side))
+    return ppp.build()
+
+
+def _reshape(ov_model: ov.Model, model: ModelConfig, requested: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Apply the configured shape or batch; `requested` (auto mode) overrides with a request's shapes."""
+    names = [p.any_name for p in ov_model.inputs]
+    shapes: dict[str, ov.PartialShape] = {}
+    if model.shape:
+        for key, value in model.shape.items():
+            if key is None and len(names) != 1:
+                raise LoadError(f"shape without an input name needs a single-input model; inputs: {', '.join(names)}")
+            name = names[0] if key is None else key
+            if name not in names:
+                raise LoadError(f"shape given for input {name!r}, which the model does not have; inputs: {', '.join(names)}")
+            if value != AUTO:
+                shapes[name] = ov.PartialShape([_dimension(d) for d in value])
+    elif model.batch_size not in (None, AUTO):
+        for port in ov_model.inputs:
+            shape = port.get_partial_shape()
+            if shape.rank.is_dynamic or len(shape) == 0:
+                continue
+            index = _batch_index(_layout_for(model, port.any_name, len(names) == 1))
+            dims = list(shape)
+            dims[index] = _dimension(str(model.batch_size))
+            shapes[port.any_name] = ov.PartialShape(dims)
+    for name, dims in (requested or {}).items():
+        shapes[name] = ov.PartialShape(list(dims))
+    if shapes:
+        try:
+            ov_model.reshape(shapes)
+        except RuntimeError as exc:
+            raise LoadError(f"Model could not be reshaped with requested shape: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """OpenVINO's messages start with a C++ file location; the last line is the reason."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _compile_key(model: ModelConfig, requested: Mapping[str, tuple[int, ...]] | None) -> str:
+    shape = dict(model.shape or {})
+    return repr((model.target_device, sorted(shape.items(), key=str), model.batch_size,
+                 sorted((model.layout or {}).items(), key=str), sorted((requested or {}).items())))
+
+
+def _plugin_config(model: ModelConfig) -> dict[str, object]:
+    config: dict[str, object] = {k: v for k, v in model.plugin_config.items()}
+    if "NUM_STREAMS" not in config and "PERFORMANCE_HINT" not in config:
+        config["PERFORMANCE_HINT"] = "LATENCY"  # OVMS's default
+    return config
+
+
+class ServedVersion:
+    """A compiled model version and its pool of infer requests; inference never blocks the event loop."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        compiled: ov.CompiledModel,
+        nireq: int,
+        loaded_from_cache: bool,
+        cache_reason: str,
+        batch_index: Mapping[str, int],
+        requested_shape: Mapping[str, tuple[int, ...]] | None = None,
+        auto_inputs: frozenset[str] = frozenset(),
+        auto_batch: bool = False,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.compiled = compiled
+        self.nireq = nireq
+        self.loaded_from_cache = loaded_from_cache
+        self.cache_reason = cache_reason
+        self.inputs: tuple[TensorSpec, ...] = tuple(spec_of(p, batch_index.get(p.any_name, 0)) for p in compiled.inputs)
+        self.outputs: tuple[TensorSpec, ...] = tuple(spec_of(p, 0) for p in compiled.outputs)
+        self.requested_shape = dict(requested_shape or {})
+        self.auto_inputs = auto_inputs  # shape "auto": a request of another shape reshapes this version
+        self.auto_batch = auto_batch  # batch_size "auto": a request of another batch reshapes this version
+        self._requests = [compiled.create_infer_request() for _ in range(nireq)]
+        self._idle: asyncio.Queue[ov.InferRequest] | None = None
+        self.inflight = 0
+        self._drained: asyncio.Event | None = None
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one inference on an idle request; returns the outputs (copied) in the model's output order."""
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for request in self._requests:
+                self._idle.put_nowait(request)
+        request = await self._idle.get()
+        try:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            request.set_callback(lambda fut: loop.call_soon_threadsafe(_finish, fut), done)
+            request.start_async(dict(inputs), share_inputs=True)
+            await done
+            return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.outputs))]
+        finally:
+            self._idle.put_nowait(request)
+
+    # Leases: the registry counts in-flight requests so a retiring version can wait for them.
+    def acquire(self) -> None:
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        if self.inflight == 0:
+            return
+        self._drained = asyncio.Event()
+        await self._drained.wait()
+
+    def close(self) -> None:
+        self._requests.clear()
+        self.compiled = None  # type: ignore[assignment]  # frees the compiled model once the last reference goes
+
+
+def _finish(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Runtime:
+    """Owns the one shared ov.Core. Never sets CACHE_DIR on it: the cache is passed per compile (cache.py)."""
+
+    def __init__(self, cache: cache_rules.ModelCache | None, device_override: str | None = None) -> None:
+        self.core = ov.Core()
+        self.cache = cache
+        self.device_override = device_override
+        self._lock = threading.Lock()
+
+    def load(
+        self, model: ModelConfig, version: int, source: Source, requested: Mapping[str, tuple[int, ...]] | None = None
+    ) -> ServedVersion:
+        """Compile one version (runs in a worker thread). Raises LoadError with the real reason."""
+        device = self.device_override or model.target_device
+        decision = cache_rules.decide(model, self.cache)
+        try:
+            if source.loaded is not None:
+                ov_model = self._read_loaded(source.loaded)
+                files: list[Path] = []
+            else:
+                found = versions.model_files(source.version_dir)
+                files = list(found.paths)
+                ov_model = None
+                if model.shape or model.batch_size is not None or model.layout or requested:
+                    ov_model = self.core.read_model(found.model)
+            log.info("Loading model: %s, version: %d, from path: %s, with target device: %s ...",
+                     model.name, version, source.version_dir, device)
+            if ov_model is not None:
+                _reshape(ov_model, model, requested)
+                ov_model = _apply_layout(ov_model, model)
+            cache_dir = None
+            if decision.use and self.cache is not None and files:
+                cache_dir = self.cache.dir_for(model.name, files, _compile_key(model, requested))
+            target = ov_model if ov_model is not None else found.model
+            compiled, from_cache = cache_rules.compile_model(self.core, target, device, _plugin_config(model), cache_dir)
+            if cache_dir is not None and self.cache is not None:
+                self.cache.enforce_limit(keep=cache_dir)
+        except LoadError:
+            raise
+        except versions.ModelFilesError as exc:
+            raise LoadError(str(exc)) from None
+        except RuntimeError as exc:
+            raise LoadError(f"Cannot compile model into target device {device}: {_first_line(exc)}") from None
+        finally:
+            if source.loaded is not None:
+                source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext now
+        nireq = model.nireq or _optimal_requests(compiled)
+        single = len(compiled.inputs) == 1
+        names = [p.any_name for p in compiled.inputs]
+        batch_index = {p.any_name: _batch_index(_layout_for(model, p.any_name, single)) for p in compiled.inputs}
+        auto_inputs = frozenset(
+            (names[0] if key is None else key) for key, value in (model.shape or {}).items() if value == AUTO
+        )
+        auto_batch = model.batch_size == AUTO
+        if auto_batch and any(len(p.get_partial_shape()) == 0 for p in compiled.inputs):
+            raise LoadError("Batching set to AUTO but model contains scalar tensor")
+        served = ServedVersion(model.name, version, compiled, nireq, from_cache, decision.reason, batch_index, requested,
+                               auto_inputs, auto_batch)
+        log.info("Loaded model %s; version: %d; batch size: %s; No of InferRequests: %d; cache: %s; loaded from cache: %s",
+                 model.name, version, model.batch_size if model.batch_size is not None else "none", nireq,
+                 decision.reason, from_cache)
+        return served
+
+    def _read_loaded(self, loaded: object) -> ov.Model:
+        kind = loaded.kind  # type: ignore[attr-defined]
+        try:
+            if kind == "IR":
+                xml, weights = loaded.ir_inputs()  # type: ignore[attr-defined]
+                return self.core.read_model(xml, ov.Tensor(weights))
+            return self.core.read_model(loaded.onnx_input())  # type: ignore[attr-defined]
+        except RuntimeError as exc:
+            # OpenVINO's text may quote the model; say only what kind of failure it was.
+            raise LoadError(f"the custom loader returned a model OpenVINO cannot read ({kind})") from exc.__cause__
+
+
+def _optimal_requests(compiled: ov.CompiledModel) -> int:
+    try:
+        return max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    except RuntimeError:
+        return 1

@@ -1,0 +1,189 @@
+"""Wires it together: start-up, the gRPC server, watching, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from . import cache as cache_rules
+from . import config as config_mod
+from .config import Config, ConfigInvalid
+from .frontend import kserve
+from .frontend.dataplane import DataPlane
+from .reconciler import Reconciler
+from .status import ReloadResult
+from .registry import Registry
+from .runtime import Runtime
+from .watcher import Watcher
+
+log = logging.getLogger("hotserve.server")
+
+MAX_MESSAGE = 1 << 30  # 1 GiB, as OVMS
+SHUTDOWN_GRACE_SECONDS = 30.0
+TRACE = 5
+LOG_LEVELS = {"TRACE": TRACE, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+              "ERROR": logging.ERROR}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: Path | None = None
+    model_name: str | None = None
+    model_path: Path | None = None
+    model_overrides: dict[str, object] = field(default_factory=dict)
+    port: int = 9000
+    grpc_bind_address: str = "0.0.0.0"
+    rest_port: int = 0
+    rest_bind_address: str = "0.0.0.0"
+    cache_dir: Path | None = None
+    cache_size_limit: int | None = None
+    file_system_poll_wait_seconds: float = 1.0
+    watch_mode: str = "auto"
+    grpc_workers: int = 1
+    log_level: str = "INFO"
+
+
+def setup_logging(level: str) -> None:
+    logging.addLevelName(TRACE, "TRACE")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s.%(msecs)03d][%(process)d][%(name)s][%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LOG_LEVELS[level])
+    for noisy in ("watchfiles", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, LOG_LEVELS[level]))
+
+
+def config_source(settings: Settings) -> Callable[[], Config]:
+    if settings.config_path is not None:
+        return _FileSource(settings.config_path)
+    assert settings.model_name is not None and settings.model_path is not None
+    single = config_mod.single_model(settings.model_name, settings.model_path, **settings.model_overrides)
+    return lambda: single
+
+
+class _FileSource:
+    """Reads models.json; identical bytes give back the same Config, so a re-save changes nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last: Config | None = None
+
+    def __call__(self) -> Config:
+        if self._last is not None:
+            try:
+                unchanged = hashlib.sha256(self.path.read_bytes()).hexdigest() == self._last.digest
+            except OSError:
+                unchanged = False
+            if unchanged:
+                return self._last
+        self._last = config_mod.load(self.path)
+        return self._last
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.source = config_source(settings)
+        cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
+        self.registry = Registry()
+        self.reconciler = Reconciler(self.source, self.registry, Runtime(cache))
+        self.plane = DataPlane(
+            self.registry, self._reload, lambda: self.reconciler.last_result, self.reconciler.reshape
+        )
+        self.watcher = Watcher(
+            self._watched_paths,
+            self.reconciler.trigger,
+            settings.file_system_poll_wait_seconds,
+            force_polling=settings.watch_mode == "poll",
+        )
+        self.grpc: grpc.aio.Server | None = None
+        self.port = 0
+        self._stop = asyncio.Event()
+
+    async def _reload(self) -> ReloadResult:
+        return await self.reconciler.trigger()
+
+    def _watched_paths(self) -> set[Path]:
+        paths = {m.base_path for m in self.reconciler.config.models} if self.reconciler.config else set()
+        if self.settings.config_path is not None:
+            paths.add(self.settings.config_path.parent)
+        return paths
+
+    async def start(self) -> None:
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
+            ]
+        )
+        kserve.register(self.grpc, self.plane)
+        address = f"{self.settings.grpc_bind_address}:{self.settings.port}"
+        try:
+            self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise SystemExit(f"Cannot start gRPC server on {address}: port is busy or the address is invalid ({exc})")
+        await self.grpc.start()
+        log.info("Started gRPC server on port %d", self.port)
+        result = await self.reconciler.trigger()
+        self.plane.ready = True
+        log.info("Server ready: %d model(s); initial load %s", len(self.registry.models),
+                 "OK" if result.ok else f"with {len(result.errors)} error(s)")
+        self.watcher.start()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+        return 0
+
+    def _on_hup(self) -> None:
+        log.info("SIGHUP: reloading configuration")
+        self.reconciler.trigger()
+
+    async def stop(self) -> None:
+        log.info("Shutting down: no new RPCs; waiting for in-flight ones (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
+        await self.watcher.stop()
+        if self.grpc is not None:
+            await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
+        with contextlib.suppress(Exception):
+            self.reconciler.close()
+        log.info("Shutdown complete")
+
+
+def validate_startup(settings: Settings) -> list[str]:
+    """An invalid config at start-up is fatal: every error, each naming file, pointer and model."""
+    try:
+        found = config_source(settings)()
+    except ConfigInvalid as exc:
+        return [str(e) for e in exc.errors]
+    except ValueError as exc:
+        return [str(exc)]
+    return [str(e) for e in found.errors]
+
+
+def serve(settings: Settings) -> int:
+    setup_logging(settings.log_level)
+    errors = validate_startup(settings)
+    if errors:
+        for error in errors:
+            log.error("%s", error)
+        log.error("Configuration is invalid; not starting (%d error(s))", len(errors))
+        return 1
+    return asyncio.run(Server(settings).run())

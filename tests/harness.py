@@ -1,0 +1,71 @@
+"""A real server subprocess on 127.0.0.1 with an ephemeral port, and its log (tests and benchmarks use it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 60.0
+
+
+class ServerProcess:
+    """One `python -m engine serve` process; `port` is read from its 'Started gRPC server on port N' line."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 — closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--grpc_bind_address", "127.0.0.1", *args],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        """Wait until the log (from offset `start`) matches `pattern`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log[start:]
+            found = re.search(pattern, text)
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited ({self.proc.returncode}) before {pattern!r}:\n{self.log[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.log[-4000:]}")
+            time.sleep(0.05)
+
+    def wait_ready(self) -> ServerProcess:
+        self.port = int(self.wait_for(r"Started gRPC server on port (\d+)", STARTUP_TIMEOUT).group(1))
+        self.wait_for(r"Server ready", STARTUP_TIMEOUT)
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,141 @@
+"""Real OpenVINO models built with the opset API, for tests and benchmarks (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+
+def _save(model: ov.Model, folder: Path, stem: str = "model") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    xml = folder / f"{stem}.xml"
+    ov.save_model(model, xml, compress_to_fp16=False)
+    return xml
+
+
+def add_const(
+    folder: Path,
+    delta: float = 1.0,
+    shape: tuple[int, ...] | list[int] = (1, 10),
+    dtype: type = np.float32,
+    input_name: str = "b",
+    output_name: str = "a",
+) -> Path:
+    """OVMS's "dummy": output `a` = input `b` + delta, as IR (model.xml + model.bin) in `folder`."""
+    param = ops.parameter(ov.PartialShape(list(shape)), dtype, name=input_name)
+    const = ops.constant(np.full([1] * max(len(shape), 1) if shape else [], delta, dtype=dtype))
+    out = ops.add(param, const)
+    out.output(0).get_tensor().set_names({output_name})
+    return _save(ov.Model([out], [param], "dummy"), folder)
+
+
+def two_inputs(folder: Path, shape: tuple[int, ...] = (1, 4)) -> Path:
+    """`sum` = x + y and `diff` = x - y (FP32): for input-count, name and output-filter tests."""
+    x = ops.parameter(list(shape), np.float32, name="x")
+    y = ops.parameter(list(shape), np.float32, name="y")
+    s = ops.add(x, y)
+    s.output(0).get_tensor().set_names({"sum"})
+    d = ops.subtract(x, y)
+    d.output(0).get_tensor().set_names({"diff"})
+    return _save(ov.Model([s, d], [x, y], "two"), folder)
+
+
+def conv(folder: Path, layers: int = 20, seed: int = 0) -> Path:
+    """A ~17 GFLOP conv net on 1x3x224x224 (3x3 convs + bias + ReLU, reduce_mean): the benchmarks' heavy model."""
+    rng = np.random.default_rng(seed)
+    param = ops.parameter([1, 3, 224, 224], np.float32, name="input")
+    node = param
+    plan = [(3, 64, 2)] + [(64, 64, 1)] * 9 + [(64, 128, 2)] + [(128, 128, 1)] * 9
+    for cin, cout, stride in plan[:layers]:
+        w = (rng.standard_normal((cout, cin, 3, 3)) * (2.0 / (cin * 9)) ** 0.5).astype(np.float32)
+        node = ops.convolution(node, ops.constant(w), [stride, stride], [1, 1], [1, 1], [1, 1])
+        node = ops.relu(ops.add(node, ops.constant(np.zeros((1, cout, 1, 1), np.float32))))
+    out = ops.reduce_mean(node, ops.constant(np.array([2, 3], np.int64)), keep_dims=False)
+    out.output(0).get_tensor().set_names({"output"})
+    return _save(ov.Model([out], [param], "conv"), folder)
+
+
+def mlp(folder: Path, widths: tuple[int, ...] = (2048, 4096, 2048, 2048, 2048), seed: int = 0) -> Path:
+    """An MLP of MatMul + ReLU; the default widths give ~100 MB of FP32 weights."""
+    rng = np.random.default_rng(seed)
+    param = ops.parameter([1, widths[0]], np.float32, name="input")
+    node = param
+    for cin, cout in zip(widths, widths[1:]):
+        w = (rng.standard_normal((cin, cout)) * (1.0 / cin) ** 0.5).astype(np.float32)
+        node = ops.relu(ops.matmul(node, ops.constant(w), False, False))
+    node.output(0).get_tensor().set_names({"output"})
+    return _save(ov.Model([node], [param], "mlp"), folder)
+
+
+def onnx_add_const(folder: Path, delta: float = 1.0, shape: tuple[int, ...] = (1, 10)) -> Path:
+    """The same "dummy" (a = b + delta) as an ONNX file, built with the onnx package."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    const = helper.make_tensor("delta", TensorProto.FLOAT, [1], [delta])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["b", "delta"], ["a"])],
+        "dummy",
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(shape))],
+        initializer=[const],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _onnx_save(folder: Path, nodes: list, inputs: list, outputs: list, initializers: list) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "model", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def onnx_conv(folder: Path, layers: int = 20, seed: int = 0) -> Path:
+    """The conv benchmark model as ONNX (same architecture and weights as `conv`)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    plan = [(3, 64, 2)] + [(64, 64, 1)] * 9 + [(64, 128, 2)] + [(128, 128, 1)] * 9
+    nodes, inits, prev = [], [], "input"
+    for i, (cin, cout, stride) in enumerate(plan[:layers]):
+        w = (rng.standard_normal((cout, cin, 3, 3)) * (2.0 / (cin * 9)) ** 0.5).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], strides=[stride, stride],
+                                      pads=[1, 1, 1, 1]))  # fmt: skip
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev = f"r{i}"
+    nodes.append(helper.make_node("ReduceMean", [prev], ["output"], axes=[2, 3], keepdims=0))
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    return _onnx_save(folder, nodes, inputs, outputs, inits)
+
+
+def onnx_mlp(folder: Path, widths: tuple[int, ...] = (2048, 4096, 2048, 2048, 2048), seed: int = 0) -> Path:
+    """The ~100 MB MLP as ONNX."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "input"
+    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+        w = (rng.standard_normal((cin, cout)) * (1.0 / cin) ** 0.5).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    nodes[-1].output[0] = "output"
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, widths[0]])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
+    return _onnx_save(folder, nodes, inputs, outputs, inits)
