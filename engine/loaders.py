@@ -88,7 +88,13 @@ class ModelLoader:
         return self.loader.load(model.name, str(model.base_path), version, dict(model.custom_loader_options or {}))  # type: ignore[attr-defined]
 
     def is_blacklisted(self, name: str, version: int, log_reason: bool = False) -> bool:
-        blacklisted = bool(self.loader.is_blacklisted(name, version))  # type: ignore[attr-defined]
+        from .loader_bridge import LoaderError
+
+        try:
+            blacklisted = bool(self.loader.is_blacklisted(name, version))  # type: ignore[attr-defined]
+        except LoaderError as exc:
+            log.error("Blacklist check failed, treating version %d of model %s as enabled: %s", version, name, exc)
+            return False
         if blacklisted and log_reason:
             log.info("The model %s version %d is blacklisted by its custom loader", name, version)
         return blacklisted

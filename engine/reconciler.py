@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from . import versions
 from .config import Config, ConfigInvalid, ModelConfig
 from .errors import Code, ServingError
+from .loader_bridge import LoaderError
 from .loaders import LoaderSet
 from .registry import Registry
 from .runtime import LoadError, Runtime, ServedVersion, Source
@@ -271,7 +272,10 @@ class Reconciler:
     ) -> ServedVersion:
         loaded = None
         if loader is not None:
-            loaded = loader.load(model, version)  # type: ignore[attr-defined]
+            try:
+                loaded = loader.load(model, version)  # type: ignore[attr-defined]
+            except LoaderError as exc:
+                raise LoadError(f"{exc.version_error} - {exc}") from None
         return self.runtime.load(model, version, Source(path, loaded), shapes)  # type: ignore[arg-type]
 
     def _note_failure(self, model: ModelConfig, version: int, path: object) -> None:

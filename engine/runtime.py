@@ -226,6 +226,7 @@ class Runtime:
         try:
             if source.loaded is not None:
                 ov_model = self._read_loaded(source.loaded)
+                source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext right away
                 files: list[Path] = []
             else:
                 found = versions.model_files(source.version_dir)
@@ -276,11 +277,12 @@ class Runtime:
         try:
             if kind == "IR":
                 xml, weights = loaded.ir_inputs()  # type: ignore[attr-defined]
+                # ov.Tensor copies: the compiled model must not point into memory the loader is about to wipe
                 return self.core.read_model(xml, ov.Tensor(weights))
-            return self.core.read_model(loaded.onnx_input())  # type: ignore[attr-defined]
-        except RuntimeError as exc:
+            return self.core.read_model(loaded.onnx_input(), ov.Tensor(np.empty(0, np.uint8)))  # type: ignore[attr-defined]
+        except (RuntimeError, TypeError) as exc:
             # OpenVINO's text may quote the model; say only what kind of failure it was.
-            raise LoadError(f"the custom loader returned a model OpenVINO cannot read ({kind})") from exc.__cause__
+            raise LoadError(f"the custom loader returned a model OpenVINO cannot read ({kind})") from None
 
 
 def _optimal_requests(compiled: ov.CompiledModel) -> int:
