@@ -10,7 +10,7 @@ PORT   ?= 9000
 
 .PHONY: setup serve test bench protos loaders lint clean
 
-setup: $(STAMP) loaders configs/models/dummy/1/model.xml
+setup: $(STAMP) loaders configs/models/dummy/1/model.xml configs/models/dummy-encrypted/1/model.xml.enc
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "hotserve needs Python >= 3.11 ($(PYTHON))"; exit 1; }
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 loaders:
 	@$(MAKE) --no-print-directory -C loaders OUT=$(BUILD)
 
-configs/models/dummy/1/model.xml: | $(STAMP)
+configs/models/dummy/1/model.xml configs/models/dummy-encrypted/1/model.xml.enc: | $(STAMP)
 	$(BIN)/python configs/build_samples.py
 
 serve: setup

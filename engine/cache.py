@@ -1,0 +1,195 @@
+"""The compiled-model cache: may this model use it (and why not), a content-keyed layout, robust compiles.
+
+Rules (OVMS's, research ovms.md §4): a custom-loader model never touches the cache; an `auto` shape or batch skips
+it unless `allow_cache`; otherwise it is used when a cache dir is set. The dir is passed per compile and never set
+on the shared ov.Core — OpenVINO caches models compiled from memory too, so a Core-wide setting would write a
+blob of a decrypted model.
+
+OpenVINO keys a path-compiled blob by the path, so weights rewritten in place would come back stale. Each load
+therefore gets a subfolder named by a hash of the model files' content plus the compile options that change the
+compiled graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import openvino as ov
+
+from .config import ModelConfig
+
+log = logging.getLogger("hotserve.modelmanager")
+
+DEFAULT_DIR = Path("/opt/cache")
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class CacheDecision:
+    use: bool
+    reason: str
+
+
+def decide(model: ModelConfig, cache: ModelCache | None) -> CacheDecision:
+    """The one place that says whether a model's load may use the cache."""
+    if cache is None:
+        decision = CacheDecision(False, "no cache dir")
+    elif model.custom_loader_options is not None:
+        decision = CacheDecision(False, "custom loader: never cached")
+    elif model.has_auto and not model.allow_cache:
+        decision = CacheDecision(False, "auto shape/batch without allow_cache")
+    elif model.has_auto:
+        decision = CacheDecision(True, "enabled (allow_cache with auto shape/batch)")
+    else:
+        decision = CacheDecision(True, "enabled")
+    if cache is not None:
+        if decision.use:
+            log.debug("Model: %s has enabled caching", model.name)
+        else:
+            log.debug("Model: %s has disabled caching (%s)", model.name, decision.reason)
+    return decision
+
+
+def parse_size(text: str) -> int:
+    """'512M' → bytes (K, M, G, T are powers of 1024)."""
+    found = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)B?\s*", text.upper())
+    if not found:
+        raise ValueError(f"invalid size {text!r}: expected bytes, optionally with K, M, G or T (e.g. 10G)")
+    return int(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
+
+
+class ModelCache:
+    def __init__(self, root: Path, size_limit: int | None = None) -> None:
+        self.root = root
+        self.size_limit = size_limit
+        self._digests: dict[tuple[int, ...], str] = {}
+        self._lock = threading.Lock()
+        self._index = root / ".fingerprints.json"
+        self._load_index()
+
+    @classmethod
+    def open(cls, cache_dir: Path | None, size_limit: int | None = None, default: Path = DEFAULT_DIR) -> ModelCache | None:
+        """The cache the server runs with, or None; warns (and runs without) when the dir is unusable."""
+        if cache_dir is None:
+            if not default.is_dir():
+                return None
+            cache_dir = default
+        cache_dir = cache_dir.absolute()
+        if not cache_dir.exists():
+            try:
+                cache_dir.mkdir(parents=True)
+            except OSError as exc:
+                log.warning("Cache directory %s is not writable: %s; running without model cache", cache_dir, exc.strerror)
+                return None
+            log.warning("Cache directory %s did not exist, created", cache_dir)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            log.warning("Cache directory %s is not writable: %s; running without model cache", cache_dir, exc.strerror)
+            return None
+        logging.getLogger("hotserve.modelmanager").info("Model cache is enabled: %s", cache_dir)
+        return cls(cache_dir, size_limit)
+
+    # ---- content identity ----
+    def _load_index(self) -> None:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            for key, digest in json.loads(self._index.read_text()).items():
+                self._digests[tuple(int(x) for x in key.split(":"))] = str(digest)
+
+    def _save_index(self) -> None:
+        tmp = self._index.with_name(f"{self._index.name}.{os.getpid()}.{threading.get_ident()}")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({":".join(map(str, k)): v for k, v in self._digests.items()}))
+            os.replace(tmp, self._index)
+
+    def digest(self, path: Path) -> str:
+        """sha256 of a file's bytes, memoised by (dev, inode, size, mtime, ctime): a rewrite always changes ctime."""
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            found = self._digests.get(key)
+        if found is not None:
+            return found
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        digest = h.hexdigest()
+        with self._lock:
+            self._digests[key] = digest
+            self._save_index()
+        return digest
+
+    def dir_for(self, model_name: str, files: Sequence[Path], compile_key: str) -> Path:
+        """The subfolder for this content and these compile options (created, and marked as just used)."""
+        h = hashlib.sha256(compile_key.encode())
+        for path in files:
+            h.update(self.digest(path).encode())
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
+        folder = self.root / safe / h.hexdigest()[:24]
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)
+        return folder
+
+    # ---- size limit ----
+    def stats(self) -> tuple[int, int]:
+        """(total bytes of blobs, blob count)."""
+        blobs = [p for p in self.root.rglob("*.blob") if p.is_file()]
+        return sum(p.stat().st_size for p in blobs), len(blobs)
+
+    def enforce_limit(self, keep: Path | None = None) -> None:
+        if self.size_limit is None:
+            return
+        folders = [d for m in self.root.iterdir() if m.is_dir() for d in m.iterdir() if d.is_dir()]
+        sizes = {d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in folders}
+        total = sum(sizes.values())
+        for folder in sorted(folders, key=lambda d: d.stat().st_mtime):
+            if total <= self.size_limit:
+                break
+            if keep is not None and folder == keep:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= sizes[folder]
+            log.info("Cache size limit %d bytes exceeded: evicted %s (%d bytes)", self.size_limit, folder, sizes[folder])
+
+
+def compile_model(
+    core: ov.Core, source: ov.Model | Path, device: str, config: Mapping[str, object], cache_dir: Path | None
+) -> tuple[ov.CompiledModel, bool]:
+    """Compile, with CACHE_DIR in this call's config only. A bad blob or a full disk never fails the load."""
+    if cache_dir is None:
+        return core.compile_model(_source(source), device, dict(config)), False
+    try:
+        compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
+        return compiled, _loaded_from_cache(compiled)
+    except RuntimeError as exc:
+        log.warning("Compiling with the cache in %s failed (%s); clearing it and compiling without", cache_dir,
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)  # fmt: skip
+        for blob in cache_dir.glob("*"):
+            with contextlib.suppress(OSError):
+                blob.unlink()
+    compiled = core.compile_model(_source(source), device, dict(config))
+    return compiled, False
+
+
+def _source(source: ov.Model | Path) -> ov.Model | str:
+    return source if isinstance(source, ov.Model) else str(source)
+
+
+def _loaded_from_cache(compiled: ov.CompiledModel) -> bool:
+    try:
+        return bool(compiled.get_property("LOADED_FROM_CACHE"))
+    except RuntimeError:
+        return False
