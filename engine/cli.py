@@ -93,9 +93,9 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
     except (ValueError, json.JSONDecodeError) as exc:
         raise UsageError(f"{exc}") from None
     return Settings(
-        config_path=config_path.resolve() if config_path is not None else None,
+        config_path=config_path.absolute() if config_path is not None else None,
         model_name=args.model_name,
-        model_path=args.model_path.resolve() if args.model_path is not None else None,
+        model_path=args.model_path.absolute() if args.model_path is not None else None,
         model_overrides=overrides,
         port=args.port,
         grpc_bind_address=args.grpc_bind_address,

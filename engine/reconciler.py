@@ -110,6 +110,7 @@ class Reconciler:
     # ---- one reconcile ----
     async def reconcile(self) -> ReloadResult:
         self.runs += 1
+        log.log(5, "Reconcile #%d started", self.runs)
         try:
             config = self._source()
         except ConfigInvalid as exc:
@@ -139,11 +140,16 @@ class Reconciler:
                 self._desired[name] = None  # type: ignore[assignment]
         self._desired.update(desired)
         self.last_result = ReloadResult(not errors, changed, tuple(errors))
+        log.log(5, "Reconcile #%d done: changed=%s errors=%d", self.runs, changed, len(errors))
         return self.last_result
 
     async def _model(self, model: ModelConfig) -> tuple[bool, list[str]]:
         async with self._parallel:
-            return await self._reconcile_model(model)
+            try:
+                return await self._reconcile_model(model)
+            except Exception as exc:  # one model's bug must not stop the others' changes
+                log.exception("Reconciling model %s failed", model.name)
+                return False, [f"model {model.name}: internal error: {exc}"]
 
     async def _reconcile_model(self, model: ModelConfig) -> tuple[bool, list[str]]:
         entry = self.registry.ensure(model.name)
@@ -153,7 +159,7 @@ class Reconciler:
         entry.error = None
         if not scan.exists:
             entry.error = f"Directory does not exist: {model.base_path}"
-            if any(s.state < State.UNLOADING for s in entry.slots.values()):
+            if any(s.status.state < State.UNLOADING for s in entry.slots.values()):
                 log.error("%s; retiring all versions of model %s", entry.error, model.name)
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
             log.error("%s (model %s)", entry.error, model.name)
@@ -197,8 +203,8 @@ class Reconciler:
     def _ready_on_disk(self, name: str, version: int, path: object, now: float) -> bool:
         """A folder not yet served must have been quiet for QUIET_SECONDS: a half-copied folder is not ready."""
         slot = self.registry.models[name].slots.get(version)
-        if slot is not None and slot.status.state < State.UNLOADING and not slot.status.failed:
-            return True
+        if self.runs == 1 or (slot is not None and slot.status.state < State.UNLOADING and not slot.status.failed):
+            return True  # at start-up the files are what they are; a half-copied one fails and is retried
         quiet = versions.quiet_since(path)  # type: ignore[arg-type]
         if now - quiet >= QUIET_SECONDS:
             return True

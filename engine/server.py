@@ -103,7 +103,8 @@ class Server:
             self.registry, self._reload, lambda: self.reconciler.last_result, self.reconciler.reshape
         )
         self.watcher = Watcher(
-            self._watched_paths,
+            settings.config_path,
+            self._base_paths,
             self.reconciler.trigger,
             settings.file_system_poll_wait_seconds,
             force_polling=settings.watch_mode == "poll",
@@ -115,11 +116,8 @@ class Server:
     async def _reload(self) -> ReloadResult:
         return await self.reconciler.trigger()
 
-    def _watched_paths(self) -> set[Path]:
-        paths = {m.base_path for m in self.reconciler.config.models} if self.reconciler.config else set()
-        if self.settings.config_path is not None:
-            paths.add(self.settings.config_path.parent)
-        return paths
+    def _base_paths(self) -> set[Path]:
+        return {m.base_path for m in self.reconciler.config.models} if self.reconciler.config else set()
 
     async def start(self) -> None:
         self.grpc = grpc.aio.server(

@@ -24,12 +24,14 @@ DEBOUNCE_MS = 400  # ...or after this long at most
 class Watcher:
     def __init__(
         self,
-        paths: Callable[[], set[Path]],
+        config_path: Path | None,
+        base_paths: Callable[[], set[Path]],
         trigger: Callable[[], object],
         poll_seconds: float,
         force_polling: bool = False,
     ) -> None:
-        self._paths = paths
+        self._config = config_path
+        self._base_paths = base_paths
         self._trigger = trigger
         self._poll_seconds = poll_seconds
         self._force_polling = force_polling
@@ -50,6 +52,20 @@ class Watcher:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def _paths(self) -> set[Path]:
+        paths = set(self._base_paths())
+        if self._config is not None:
+            paths.add(self._config.parent)
+        return paths
+
+    def relevant(self, path: str) -> bool:
+        """The config file, Kubernetes' `..data` symlink swaps next to it, or anything under a base_path."""
+        changed = Path(path)
+        if self._config is not None and changed.parent == self._config.parent:
+            if changed.name == self._config.name or changed.name.startswith(".."):
+                return True
+        return any(changed == base or base in changed.parents for base in self._base_paths())
 
     async def _rescan(self) -> None:
         """Catches what events miss (NFS, fuse) and drives retries of failed or half-copied versions."""
@@ -83,7 +99,7 @@ class Watcher:
                 step=STEP_MS,
                 force_polling=self._force_polling,
                 poll_delay_ms=int(self._poll_seconds * 1000) if self._force_polling else 300,
-                watch_filter=None,
+                watch_filter=lambda _change, path: self.relevant(path),
                 recursive=True,
             ):
                 self.events += 1

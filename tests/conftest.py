@@ -22,6 +22,7 @@ __all__ = ["ROOT", "ServerProcess", "model_entry"]
 def serve(tmp_path: Path) -> Iterator:
     """serve(config_dict_or_path, *extra_args) → a ready ServerProcess; all are stopped at teardown."""
     started: list[ServerProcess] = []
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"  # outside the watched config folder
 
     def start(config: dict | Path | None, *args: str, ready: bool = True, env: dict[str, str] | None = None):
         argv = list(args)
@@ -33,7 +34,8 @@ def serve(tmp_path: Path) -> Iterator:
             argv = ["--config_path", str(config), *argv]
         if "--port" not in argv:
             argv += ["--port", "0"]
-        server = ServerProcess(argv, tmp_path / f"server{len(started)}.log", env)
+        logs.mkdir(exist_ok=True)
+        server = ServerProcess(argv, logs / f"server{len(started)}.log", env)
         started.append(server)
         return server.wait_ready() if ready else server
 

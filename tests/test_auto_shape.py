@@ -64,8 +64,10 @@ def test_batch_auto_then_fixed_then_auto(tmp_path: Path, serve) -> None:  # type
     assert run(client, "dummy", (4, 10)).shape == (4, 10)
     with pytest.raises(InferenceServerException, match="Invalid input shape"):
         run(client, "dummy", (4, 11))  # auto batch does not reshape other dims
+    mark = len(server.log)
     write(config, model_entry("dummy", tmp_path / "dummy", batch_size=4))
-    wait_until(lambda: client.get_model_metadata("dummy", as_json=True)["inputs"][0]["shape"] == ["4", "10"])
+    server.wait_for(r"Will reload model: dummy; version: 1 \.\.\.", start=mark)
+    server.wait_for(r"Loaded model dummy; version: 1; batch size: 4", start=mark)
     with pytest.raises(InferenceServerException, match="Invalid input batch size - Expected: 4; Actual: 3"):
         run(client, "dummy", (3, 10))
     run(client, "dummy", (4, 10))

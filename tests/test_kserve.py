@@ -62,7 +62,7 @@ def server(models: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ign
     import json
 
     path.write_text(json.dumps(config))
-    proc = ServerProcess(["--config_path", str(path), "--port", "0"], tmp / "server.log").wait_ready()
+    proc = ServerProcess(["--config_path", str(path), "--port", "0"], tmp_path_factory.mktemp("logs") / "server.log").wait_ready()
     yield proc
     assert proc.stop() == 0
 
