@@ -24,6 +24,7 @@ class _Open:
 class LoaderSet:
     def __init__(self) -> None:
         self._open: dict[str, _Open] = {}
+        self._failed: dict[str, str] = {}  # loader name → why it could not be opened
         self._generation = 0
 
     def sync(self, configs: Iterable[LoaderConfig]) -> list[str]:
@@ -42,12 +43,17 @@ class LoaderSet:
             except LoaderError as exc:
                 log.error("Creation of loader: %s failed: %s", name, exc)
                 errors.append(f"loader {name}: {exc}")
+                if current is None:
+                    self._failed[name] = str(exc)
                 continue
+            self._failed.pop(name, None)
             self._generation += 1
             self._open[name] = _Open(config, loader, self._generation)
             if current is not None:
                 log.info("Loader %s was re-initialised; its models reload through it", name)
                 current.loader.close()  # type: ignore[attr-defined]
+        for name in set(self._failed) - set(wanted):
+            del self._failed[name]
         for name in set(self._open) - set(wanted):
             log.info("Loader %s is not there in new list.. deleting the same", name)
             self._open.pop(name).loader.close()  # type: ignore[attr-defined]
@@ -56,6 +62,10 @@ class LoaderSet:
     def get(self, name: str) -> ModelLoader | None:
         found = self._open.get(name)
         return None if found is None else ModelLoader(found.loader, found.generation)
+
+    def failure(self, name: str) -> str | None:
+        """Why a configured loader is not open (library missing, bad ABI, init failed…), if it is not."""
+        return self._failed.get(name)
 
     def generation(self, model: ModelConfig) -> int:
         found = self._open.get(model.loader_name or "")

@@ -164,11 +164,15 @@ class Reconciler:
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
             log.error("%s (model %s)", entry.error, model.name)
             return False, [f"model {model.name}: {entry.error}"]
+        previous = self._desired.get(model.name)
+        if previous is not None and previous.custom_loader_options != model.custom_loader_options:
+            self.loaders.retire_model(previous)  # the loader forgets what it knew of the old options (enable_file…)
         loader = None
         if model.loader_name is not None:
             loader = self.loaders.get(model.loader_name)
             if loader is None:
-                entry.error = f"Specified custom loader {model.loader_name} not found"
+                why = self.loaders.failure(model.loader_name)
+                entry.error = f"Specified custom loader {model.loader_name} not found" + (f": {why}" if why else "")
                 log.error("%s. In case any models are loaded, will be unloading them (model %s)", entry.error, model.name)
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
         now = time.time()
@@ -342,13 +346,15 @@ class Reconciler:
         slot = self.registry.models[name].slots[version]
         self.registry.set_status(name, slot.status.moved(State.UNLOADING))
         served = self.registry.take(name, version)
-        self._applied.get(name, {}).pop(version, None)
-        self._spawn(self._finish_retire(name, version, served))
+        applied = self._applied.get(name, {}).pop(version, None)
+        self._spawn(self._finish_retire(name, version, served, applied[0] if applied else None))
 
-    async def _finish_retire(self, name: str, version: int, served: ServedVersion | None) -> None:
+    async def _finish_retire(
+        self, name: str, version: int, served: ServedVersion | None, model: ModelConfig | None
+    ) -> None:
         if served is not None:
             await self._free(served)
-            self.loaders.unload_version(self._desired.get(name), version)
+            self.loaders.unload_version(model, version)
         slot = self.registry.models[name].slots[version]
         if slot.served is None and slot.status.state == State.UNLOADING:  # not resurrected meanwhile
             self.registry.set_status(name, slot.status.moved(State.END))

@@ -23,10 +23,13 @@ def add_const(
     dtype: type = np.float32,
     input_name: str = "b",
     output_name: str = "a",
+    addend: np.ndarray | None = None,
 ) -> Path:
-    """OVMS's "dummy": output `a` = input `b` + delta, as IR (model.xml + model.bin) in `folder`."""
+    """OVMS's "dummy": output `a` = input `b` + delta (or + `addend`), as IR (model.xml + model.bin) in `folder`."""
     param = ops.parameter(ov.PartialShape(list(shape)), dtype, name=input_name)
-    const = ops.constant(np.full([1] * max(len(shape), 1) if shape else [], delta, dtype=dtype))
+    if addend is None:
+        addend = np.full([1] * max(len(shape), 1) if shape else [], delta, dtype=dtype)
+    const = ops.constant(addend.astype(dtype))
     out = ops.add(param, const)
     out.output(0).get_tensor().set_names({output_name})
     return _save(ov.Model([out], [param], "dummy"), folder)

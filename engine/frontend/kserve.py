@@ -93,7 +93,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ready = status.state == State.AVAILABLE
                 if request.ready and not ready:
                     continue
-                reason = "" if status.error_message == "OK" else status.error_message
+                reason = status.error_message if status.error_message != "OK" else ("" if ready else view.error or "")
                 response.models.add(
                     name=view.name, version=str(status.version), state="READY" if ready else status.state.name, reason=reason
                 )
