@@ -1,0 +1,245 @@
+"""The compiled-model cache (issue 4): OVMS's rules and model_cache_test rows, stale weights, bad blobs, limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import modelgen
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import ROOT, ServerProcess, model_entry
+
+from engine import cache as cache_rules
+from engine.config import ModelConfig
+
+X = np.ones((1, 10), np.float32)
+
+
+def blobs(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("*.blob") if p.is_file())
+
+
+def value(address: str, name: str = "dummy") -> np.ndarray:
+    """Ones of the model's own input shape in; its first output back."""
+    client = grpcclient.InferenceServerClient(address)
+    meta = client.get_model_metadata(name, as_json=True)
+    spec, out = meta["inputs"][0], meta["outputs"][0]["name"]
+    x = np.ones([max(int(d), 1) for d in spec["shape"]], np.float32)
+    tensor = grpcclient.InferInput(spec["name"], list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return client.infer(name, [tensor]).as_numpy(out)
+
+
+def run_once(tmp_path: Path, cache: Path | None, *entries: dict, env: dict | None = None) -> ServerProcess:
+    """A fresh server process (a "restart") that loads, answers one request per model, and stops."""
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"model_config_list": list(entries)}))
+    args = ["--config_path", str(config), "--port", "0", "--log_level", "DEBUG"]
+    if cache is not None:
+        args += ["--cache_dir", str(cache)]
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    logs.mkdir(exist_ok=True)
+    server = ServerProcess(args, logs / f"run{len(list(logs.iterdir()))}.log", env).wait_ready()
+    server.outputs = {e["config"]["name"]: value(server.address, e["config"]["name"]) for e in entries}  # type: ignore[attr-defined]
+    server.stop()
+    return server
+
+
+@pytest.fixture
+def dummy(tmp_path: Path) -> Path:
+    modelgen.add_const(tmp_path / "dummy" / "1", shape=(1, 10))
+    return tmp_path / "dummy"
+
+
+# ---- the rule (TestModelCacheSetting) ----
+@pytest.mark.parametrize(
+    ("fields", "use"),
+    [
+        ({}, True),
+        ({"custom_loader_options": {"loader_name": "x"}}, False),
+        ({"custom_loader_options": {"loader_name": "x"}, "allow_cache": False}, False),
+        ({"batch_size": "auto"}, False),
+        ({"batch_size": "auto", "allow_cache": False}, False),
+        ({"shape": {None: "auto"}}, False),
+        ({"shape": {"b": "auto"}, "allow_cache": False}, False),
+        ({"batch_size": "auto", "allow_cache": True}, True),
+        ({"shape": {None: "auto"}, "allow_cache": True}, True),
+    ],
+)
+def test_cache_decision_table(tmp_path: Path, fields: dict, use: bool) -> None:
+    cache = cache_rules.ModelCache(tmp_path)
+    model = ModelConfig(name="m", base_path=tmp_path, **fields)
+    assert cache_rules.decide(model, cache).use is use
+    assert cache_rules.decide(model, None).use is False
+
+
+def test_parse_size() -> None:
+    assert cache_rules.parse_size("512") == 512
+    assert cache_rules.parse_size("10K") == 10 * 1024
+    assert cache_rules.parse_size("2G") == 2 * 1024**3
+    with pytest.raises(ValueError, match="invalid size"):
+        cache_rules.parse_size("lots")
+
+
+# ---- enabling ----
+def test_enabled_creates_blobs_and_missing_dir_is_created(tmp_path: Path, dummy: Path) -> None:
+    cache = tmp_path / "new" / "cache"
+    server = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    assert f"Model cache is enabled: {cache}" in server.log
+    assert f"Cache directory {cache} did not exist, created" in server.log
+    assert blobs(cache)
+
+
+def test_no_cache_dir_means_no_cache(tmp_path: Path, dummy: Path) -> None:
+    assert not Path("/opt/cache").exists()
+    server = run_once(tmp_path, None, model_entry("dummy", dummy))
+    assert "Model cache is enabled" not in server.log
+    assert "cache: no cache dir" in server.log
+
+
+def test_unwritable_cache_dir_runs_without_cache(tmp_path: Path, dummy: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a regular file where the cache dir should be")
+    server = run_once(tmp_path, blocker / "cache", model_entry("dummy", dummy))
+    assert "is not writable" in server.log and "running without model cache" in server.log
+    np.testing.assert_allclose(server.outputs["dummy"], X + 1)  # type: ignore[attr-defined]
+
+
+# ---- model_cache_test rows ----
+def test_restart_hits_and_shape_or_layout_add_blobs_but_nireq_and_streams_do_not(tmp_path: Path, dummy: Path) -> None:
+    cache = tmp_path / "cache"
+    run_once(tmp_path, None, model_entry("dummy", dummy))
+    assert not cache.exists()
+    first = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    count = len(blobs(cache))
+    assert count >= 1 and "loaded from cache: False" in first.log
+    again = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    assert len(blobs(cache)) == count and "loaded from cache: True" in again.log
+    run_once(tmp_path, cache, model_entry("dummy", dummy, nireq=3))
+    run_once(tmp_path, cache, model_entry("dummy", dummy, plugin_config={"NUM_STREAMS": "2"}))
+    assert len(blobs(cache)) == count
+    run_once(tmp_path, cache, model_entry("dummy", dummy, shape="(1,10)"))
+    assert len(blobs(cache)) > count
+    count = len(blobs(cache))
+    run_once(tmp_path, cache, model_entry("dummy", dummy, shape="(1,10)"))
+    assert len(blobs(cache)) == count
+    run_once(tmp_path, cache, model_entry("dummy", dummy, batch_size=5))
+    assert len(blobs(cache)) > count
+    count = len(blobs(cache))
+    run_once(tmp_path, cache, model_entry("dummy", dummy, layout="NC"))
+    assert len(blobs(cache)) > count
+
+
+def test_auto_shape_skips_the_cache_unless_allowed(tmp_path: Path, dummy: Path) -> None:
+    cache = tmp_path / "cache"
+    server = run_once(tmp_path, cache, model_entry("dummy", dummy, batch_size="auto"))
+    assert not blobs(cache)
+    assert "auto shape/batch without allow_cache" in server.log
+    run_once(tmp_path, cache, model_entry("dummy", dummy, shape="auto", allow_cache=True))
+    assert blobs(cache)
+
+
+def test_cache_dir_in_plugin_config_is_rejected(tmp_path: Path, dummy: Path) -> None:
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"model_config_list": [model_entry("dummy", dummy, plugin_config={"CACHE_DIR": "/x"})]}))
+    result = subprocess.run([sys.executable, "-m", "engine", "validate", str(config)], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 1
+    assert "/model_config_list/0/config/plugin_config" in result.stdout and "CACHE_DIR" in result.stdout
+
+
+# ---- no stale results, ever ----
+@pytest.mark.parametrize("kind", ["ir", "onnx"])
+def test_weights_rewritten_in_place_never_come_back_stale(tmp_path: Path, kind: str) -> None:
+    cache = tmp_path / "cache"
+    base = tmp_path / "m"
+    if kind == "ir":
+        modelgen.add_const(base / "1", addend=np.full((1, 10), 1.0, np.float32))
+        weights = base / "1" / "model.bin"
+        new = np.full((1, 10), 5.0, np.float32).tobytes()
+    else:
+        modelgen.onnx_add_const(base / "1", delta=1.0)
+        weights = base / "1" / "model.onnx"
+        new = None
+    run_once(tmp_path, cache, model_entry("m", base))
+    hit = run_once(tmp_path, cache, model_entry("m", base))
+    assert "loaded from cache: True" in hit.log
+    if new is not None:
+        with open(weights, "r+b") as f:  # same size, same path, new content
+            f.write(new)
+    else:
+        data = weights.read_bytes()
+        old = np.float32(1.0).tobytes()
+        assert data.count(old) == 1
+        weights.write_bytes(data.replace(old, np.float32(5.0).tobytes()))
+    after = run_once(tmp_path, cache, model_entry("m", base))
+    np.testing.assert_allclose(after.outputs["m"], X + 5)  # type: ignore[attr-defined]
+
+
+# ---- robust to a bad cache ----
+@pytest.mark.parametrize("damage", ["truncate", "random"])
+def test_corrupt_blob_still_loads_and_is_replaced(tmp_path: Path, dummy: Path, damage: str) -> None:
+    cache = tmp_path / "cache"
+    run_once(tmp_path, cache, model_entry("dummy", dummy))
+    for blob in blobs(cache):
+        size = blob.stat().st_size
+        blob.write_bytes(b"" if damage == "truncate" else os.urandom(size))
+    after = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    np.testing.assert_allclose(after.outputs["dummy"], X + 1)  # type: ignore[attr-defined]
+    again = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    assert "loaded from cache: True" in again.log
+
+
+def test_size_limit_evicts_least_recently_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    entries = []
+    for i in range(3):
+        modelgen.conv(tmp_path / f"c{i}" / "1", layers=3, seed=i)
+    first = run_once(tmp_path, cache, model_entry("c0", tmp_path / "c0"))
+    assert first
+    one = sum(b.stat().st_size for b in blobs(cache))
+    for i in range(3):
+        entries.append(model_entry(f"c{i}", tmp_path / f"c{i}"))
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"model_config_list": entries}))
+    limit = str(int(one * 2.5))
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    server = ServerProcess(["--config_path", str(config), "--port", "0", "--cache_dir", str(cache),
+                            "--cache_size_limit", limit], logs / "limit.log").wait_ready()  # fmt: skip
+    server.stop()
+    assert sum(b.stat().st_size for b in blobs(cache)) <= int(limit)
+    assert "evicted" in server.log
+    assert not (cache / "c0").exists() or not any((cache / "c0").rglob("*.blob"))
+
+
+def test_two_processes_share_one_cache_dir(tmp_path: Path) -> None:
+    modelgen.conv(tmp_path / "conv" / "1", layers=6)
+    cache = tmp_path / "cache"
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"model_config_list": [model_entry("conv", tmp_path / "conv")]}))
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    logs.mkdir(exist_ok=True)
+    servers = [ServerProcess(["--config_path", str(config), "--port", "0", "--cache_dir", str(cache)], logs / f"{i}.log")
+               for i in range(2)]  # fmt: skip
+    x = np.ones((1, 3, 224, 224), np.float32)
+    outputs = []
+    try:
+        for server in servers:
+            server.wait_ready()
+            client = grpcclient.InferenceServerClient(server.address)
+            tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            outputs.append(client.infer("conv", [tensor]).as_numpy("output"))
+    finally:
+        for server in servers:
+            server.stop()
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5)
+    third = ServerProcess(["--config_path", str(config), "--port", "0", "--cache_dir", str(cache)], logs / "3.log")
+    third.wait_ready()
+    third.stop()
+    assert "loaded from cache: True" in third.log
