@@ -21,8 +21,8 @@ import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import modelgen  # noqa: E402
-from harness import ServerProcess  # noqa: E402
+import modelgen
+from harness import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -122,8 +122,11 @@ def main() -> None:
           f"{'req/s':>8} | {'ratio':>5}")  # fmt: skip
     for r in rows:
         s, i = r["served"], r["in_process"]
-        print(f"{r['model']:6} {r['concurrency']:>4} | {s['p50_ms']:>8.2f}ms {s['p99_ms']:>6.2f}ms {s['throughput']:>8.1f} | "
-              f"{i['p50_ms']:>9.2f}ms {i['p99_ms']:>6.2f}ms {i['throughput']:>8.1f} | {r['throughput_ratio']:>5.2f}")
+        print(
+            f"{r['model']:6} {r['concurrency']:>4} | {s['p50_ms']:>8.2f}ms {s['p99_ms']:>6.2f}ms "
+            f"{s['throughput']:>8.1f} | "
+            f"{i['p50_ms']:>9.2f}ms {i['p99_ms']:>6.2f}ms {i['throughput']:>8.1f} | {r['throughput_ratio']:>5.2f}"
+        )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "infer.json").write_text(json.dumps({"seconds": seconds, "rows": rows}, indent=2))
     print(f"wrote {RESULTS / 'infer.json'}")

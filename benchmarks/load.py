@@ -46,12 +46,14 @@ def _when(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
-def served_load(root: Path, name: str, base: Path, cache: Path | None, extra: dict | None = None) -> float:
+def served_load(root: Path, name: str, base: Path, cache: Path | None, extra: dict | None = None,
+                loaders: list | None = None) -> float:  # fmt: skip
     """Seconds between the server's 'Loading model' and 'Loaded model' lines for one model, in a fresh process."""
     config = root / f"{name}.json"
-    entry = {"name": name, "base_path": str(base), **(extra or {})}
-    config.write_text(json.dumps({"model_config_list": [{"config": entry}],
-                                  **({"custom_loader_config_list": extra.pop("_loaders")} if extra and "_loaders" in extra else {})}))  # fmt: skip
+    doc: dict = {"model_config_list": [{"config": {"name": name, "base_path": str(base), **(extra or {})}}]}
+    if loaders:
+        doc["custom_loader_config_list"] = loaders
+    config.write_text(json.dumps(doc))
     args = ["--config_path", str(config), "--port", "0"] + (["--cache_dir", str(cache)] if cache else [])
     server = ServerProcess(args, root / f"{name}.log")
     try:
@@ -95,7 +97,8 @@ def model_rows(root: Path, repeat: int) -> list[dict[str, object]]:
         bare_nocache = median_of(lambda: bare_compile(path, None), repeat)  # noqa: B023
         bare_warm = median_of(lambda: bare_compile(path, bare_cache), repeat)  # noqa: B023
         rows.append({
-            "model": name, "no_cache_s": no_cache, "first_with_cache_s": statistics.median(firsts), "warm_cache_s": warm,
+            "model": name, "no_cache_s": no_cache, "first_with_cache_s": statistics.median(firsts),
+            "warm_cache_s": warm,
             "warm_over_no_cache": warm / no_cache, "bare_no_cache_s": bare_nocache, "bare_warm_s": bare_warm,
             "engine_overhead_no_cache": no_cache / bare_nocache - 1, "engine_overhead_warm": warm / bare_warm - 1,
         })  # fmt: skip
@@ -141,7 +144,9 @@ def encrypted_rows(root: Path, repeat: int) -> dict[str, float]:
     options = {"loader_name": "aes", "model_file": "model.xml.enc", "bin_file": "model.bin.enc"}
     plain_s = median_of(lambda: served_load(root, "mlp_plain", plain, None), repeat)
     enc_s = median_of(
-        lambda: served_load(root, "mlp_enc", root / "mlp_enc", None, {"custom_loader_options": options, "_loaders": loaders}),
+        lambda: served_load(
+            root, "mlp_enc", root / "mlp_enc", None, {"custom_loader_options": options, "_loaders": loaders}
+        ),
         repeat,
     )
     return {"plaintext_s": plain_s, "encrypted_s": enc_s, "encrypted_over_plaintext": enc_s / plain_s}
@@ -158,15 +163,21 @@ def main() -> None:
     print(f"{'model':10} {'no cache':>9} {'first':>9} {'warm':>9} {'warm/no':>8} {'OV bare':>9} {'OV warm':>9} "
           f"{'ovh cold':>9} {'ovh warm':>9}")  # fmt: skip
     for r in result["models"]:
-        print(f"{r['model']:10} {r['no_cache_s']:>8.3f}s {r['first_with_cache_s']:>8.3f}s {r['warm_cache_s']:>8.3f}s "
-              f"{r['warm_over_no_cache']:>8.2f} {r['bare_no_cache_s']:>8.3f}s {r['bare_warm_s']:>8.3f}s "
-              f"{r['engine_overhead_no_cache']:>+8.0%} {r['engine_overhead_warm']:>+8.0%}")
+        print(
+            f"{r['model']:10} {r['no_cache_s']:>8.3f}s {r['first_with_cache_s']:>8.3f}s {r['warm_cache_s']:>8.3f}s "
+            f"{r['warm_over_no_cache']:>8.2f} {r['bare_no_cache_s']:>8.3f}s {r['bare_warm_s']:>8.3f}s "
+            f"{r['engine_overhead_no_cache']:>+8.0%} {r['engine_overhead_warm']:>+8.0%}"
+        )
     s = result["startup_20"]
-    print(f"start-to-ready, {s['models']} models: no cache {s['no_cache_s']:.2f}s, warm {s['warm_cache_s']:.2f}s, "
-          f"ratio {s['warm_over_no_cache']:.2f}")
+    print(
+        f"start-to-ready, {s['models']} models: no cache {s['no_cache_s']:.2f}s, warm {s['warm_cache_s']:.2f}s, "
+        f"ratio {s['warm_over_no_cache']:.2f}"
+    )
     e = result["encrypted"]
-    print(f"100 MB MLP: plaintext {e['plaintext_s']:.3f}s, encrypted {e['encrypted_s']:.3f}s, "
-          f"ratio {e['encrypted_over_plaintext']:.2f}")
+    print(
+        f"100 MB MLP: plaintext {e['plaintext_s']:.3f}s, encrypted {e['encrypted_s']:.3f}s, "
+        f"ratio {e['encrypted_over_plaintext']:.2f}"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "load.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULTS / 'load.json'}")

@@ -26,8 +26,8 @@ import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import modelgen  # noqa: E402
-from harness import ServerProcess  # noqa: E402
+import modelgen
+from harness import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -136,7 +136,9 @@ def scale(root: Path, count: int) -> dict[str, object]:
         applied = time.perf_counter() - t0
         time.sleep(1.5)
         tail = server.log[mark:]
-        touched = {line.split("model: ")[1].split(";")[0] for line in tail.splitlines() if "Will reload model: " in line}
+        touched = {
+            line.split("model: ")[1].split(";")[0] for line in tail.splitlines() if "Will reload model: " in line
+        }
     finally:
         server.stop()
     load = compile_seconds(root / "tiny" / "1" / "model.xml")

@@ -78,7 +78,9 @@ class ModelCache:
         self._load_index()
 
     @classmethod
-    def open(cls, cache_dir: Path | None, size_limit: int | None = None, default: Path = DEFAULT_DIR) -> ModelCache | None:
+    def open(
+        cls, cache_dir: Path | None, size_limit: int | None = None, default: Path = DEFAULT_DIR
+    ) -> ModelCache | None:
         """The cache the server runs with, or None; warns (and runs without) when the dir is unusable."""
         if cache_dir is None:
             if not default.is_dir():
@@ -89,7 +91,9 @@ class ModelCache:
             try:
                 cache_dir.mkdir(parents=True)
             except OSError as exc:
-                log.warning("Cache directory %s is not writable: %s; running without model cache", cache_dir, exc.strerror)
+                log.warning(
+                    "Cache directory %s is not writable: %s; running without model cache", cache_dir, exc.strerror
+                )
                 return None
             log.warning("Cache directory %s did not exist, created", cache_dir)
         probe = cache_dir / f".write-test-{os.getpid()}"
@@ -162,7 +166,9 @@ class ModelCache:
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             total -= sizes[folder]
-            log.info("Cache size limit %d bytes exceeded: evicted %s (%d bytes)", self.size_limit, folder, sizes[folder])
+            log.info(
+                "Cache size limit %d bytes exceeded: evicted %s (%d bytes)", self.size_limit, folder, sizes[folder]
+            )
 
 
 def compile_model(

@@ -1,4 +1,4 @@
-"""`hotserve serve|validate|status|keygen|encrypt` — argument parsing only. Usage errors exit 64 with a one-line reason."""
+"""`hotserve serve|validate|status|keygen|encrypt`: argument parsing only. Usage errors exit 64, with one line."""
 
 from __future__ import annotations
 

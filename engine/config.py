@@ -145,7 +145,7 @@ _LAYOUT_SIDE = re.compile(r"^(?:\.\.\.)?[A-Z?]*(?:\.\.\.)?[A-Z?]*$")
 
 
 def parse_dims(text: str) -> Dims:
-    """"(1,3,-1,10:20)" → ("1", "3", "-1", "10:20"). ValueError with the reason otherwise."""
+    """ "(1,3,-1,10:20)" → ("1", "3", "-1", "10:20"). ValueError with the reason otherwise."""
     if not _SHAPE.match(text.strip()):
         raise ValueError(f'invalid shape "{text}": expected "auto" or dims like "(1,3,224,224)", with -1 or a:b')
     dims = tuple(d.strip() for d in text.strip()[1:-1].split(","))
@@ -272,7 +272,9 @@ def read(path: Path | str) -> tuple[Any, str]:
     try:
         doc = json.loads(raw, object_pairs_hook=_pairs)
     except json.JSONDecodeError as exc:
-        raise ConfigInvalid([ConfigError(file, "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+        raise ConfigInvalid(
+            [ConfigError(file, "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]
+        ) from None
     except UnicodeDecodeError as exc:
         raise ConfigInvalid([ConfigError(file, "", f"not valid UTF-8 JSON: {exc.reason}")]) from None
     errors = _duplicate_errors(doc, "", file) + _schema_errors(doc, file)
@@ -319,7 +321,9 @@ def _model(raw: Mapping[str, Any], root: Path, warnings: list[str]) -> ModelConf
     except ValueError as exc:
         raise field_error("batch_size", exc) from None
     if shape is not None and batch is not None:
-        warnings.append(f"model {name}: Both shape and batch size have been defined. Batch size parameter will be ignored.")
+        warnings.append(
+            f"model {name}: Both shape and batch size have been defined. Batch size parameter will be ignored."
+        )
         batch = None
     plugin = dict(raw.get("plugin_config", {}))
     if any(k.upper() == "CACHE_DIR" for k in plugin):
@@ -359,8 +363,8 @@ def build(doc: Mapping[str, Any], path: Path, digest: str) -> Config:
         raw, pointer = entry["config"], f"/model_config_list/{i}/config"
         name = raw["name"]
         if name in first_at:
-            model_errors.setdefault(name, []).append(ConfigError(
-                file, pointer, f"Duplicated model names: {name} is already defined at {first_at[name]}", name))  # fmt: skip
+            message = f"Duplicated model names: {name} is already defined at {first_at[name]}"
+            model_errors.setdefault(name, []).append(ConfigError(file, pointer, message, name))
             continue
         first_at[name] = pointer
         try:

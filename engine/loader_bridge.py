@@ -173,9 +173,7 @@ class Loader:
         if self._closed:
             raise self._error("the loader was closed")
 
-    def load(
-        self, model_name: str, base_path: Path | str, version: int, options: Mapping[str, Any]
-    ) -> LoadedModel:
+    def load(self, model_name: str, base_path: Path | str, version: int, options: Mapping[str, Any]) -> LoadedModel:
         """hs_loader_load_model. options: the model's custom_loader_options, passed as compact JSON in their order."""
         where = f"model {model_name} version {version}"
         try:

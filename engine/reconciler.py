@@ -1,4 +1,4 @@
-"""Desired (config + version folders) vs actual (registry) → a plan per model, per version → executed, availability first.
+"""Desired (config + version folders) vs actual (registry) → a plan per model and version → executed.
 
 A new or reloaded version is compiled beside what serves and swapped in only once it is AVAILABLE; a retiring version
 goes UNLOADING, waits for its in-flight requests, is freed, then END. One reconcile runs at a time; triggers that arrive
@@ -39,15 +39,19 @@ class VersionPlan:
         return bool(self.start or self.reload or self.retire)
 
 
-def plan_versions(current: Mapping[int, VersionStatus], requested: Iterable[int], stale: Iterable[int] = ()) -> VersionPlan:
+def plan_versions(
+    current: Mapping[int, VersionStatus], requested: Iterable[int], stale: Iterable[int] = ()
+) -> VersionPlan:
     """OVMS's rules (research §3.4): start what is new, reload what ended, failed or went stale, retire the rest."""
     wanted, registered = set(requested), set(current)
-    reload = {
-        v for v in wanted & registered
-        if current[v].state >= State.UNLOADING or current[v].failed or (v in set(stale) and current[v].state == State.AVAILABLE)
-    }  # fmt: skip
+    stale = set(stale)
+    reload = {v for v in wanted & registered if _needs_reload(current[v], v in stale)}
     retire = {v for v in registered - wanted if current[v].state < State.UNLOADING}
     return VersionPlan(frozenset(wanted - registered), frozenset(reload), frozenset(retire))
+
+
+def _needs_reload(status: VersionStatus, stale: bool) -> bool:
+    return status.state >= State.UNLOADING or status.failed or (stale and status.state == State.AVAILABLE)
 
 
 @dataclass
@@ -88,7 +92,7 @@ class Reconciler:
 
     # ---- triggering ----
     def trigger(self) -> asyncio.Future[ReloadResult]:
-        """Ask for a reconcile; triggers arriving during a run coalesce into one more run. Await the result if needed."""
+        """Ask for a reconcile; triggers during a run coalesce into one more run. Await the result if needed."""
         fut: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
         self._pending.append(fut)
         if self._runner is None or self._runner.done():
@@ -173,7 +177,9 @@ class Reconciler:
             if loader is None:
                 why = self.loaders.failure(model.loader_name)
                 entry.error = f"Specified custom loader {model.loader_name} not found" + (f": {why}" if why else "")
-                log.error("%s. In case any models are loaded, will be unloading them (model %s)", entry.error, model.name)
+                log.error(
+                    "%s. In case any models are loaded, will be unloading them (model %s)", entry.error, model.name
+                )
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
         now = time.time()
         available = {v for v, path in scan.versions.items() if self._ready_on_disk(model.name, v, path, now)}
@@ -380,4 +386,3 @@ class Reconciler:
 
 def _failure_key(model: ModelConfig, path: object) -> tuple[object, ...]:
     return (model, versions.quiet_since(path))  # type: ignore[arg-type]
-

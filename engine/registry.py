@@ -6,6 +6,7 @@ Everything here runs on the event loop thread, so there are no locks: a swap is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -78,7 +79,7 @@ class Registry:
     @asynccontextmanager
     async def lease(self, name: str, version: int | None, wait: float = LOAD_WAIT_SECONDS) -> AsyncIterator[Slot]:
         """Hold a served version for the length of a request; retiring it waits until the lease is released."""
-        number, slot = self.slot(name, version)
+        _, slot = self.slot(name, version)
         served = await self._ready(slot, wait)
         served.acquire()
         try:
@@ -99,10 +100,8 @@ class Registry:
                 detail = status.error_message if status.failed else ""
                 raise ServingError(Code.MODEL_VERSION_NOT_LOADED_YET, detail)
             slot.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(slot.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
 
     def statuses(self, name: str) -> list[VersionStatus]:
         return [s.status for _, s in sorted(self.model(name).slots.items())]

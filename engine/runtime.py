@@ -94,7 +94,9 @@ def _reshape(ov_model: ov.Model, model: ModelConfig, requested: Mapping[str, tup
                 raise LoadError(f"shape without an input name needs a single-input model; inputs: {', '.join(names)}")
             name = names[0] if key is None else key
             if name not in names:
-                raise LoadError(f"shape given for input {name!r}, which the model does not have; inputs: {', '.join(names)}")
+                raise LoadError(
+                    f"shape given for input {name!r}, which the model does not have; inputs: {', '.join(names)}"
+                )
             if value != AUTO:
                 shapes[name] = ov.PartialShape([_dimension(d) for d in value])
     elif model.batch_size not in (None, AUTO):
@@ -123,8 +125,15 @@ def _first_line(exc: BaseException) -> str:
 
 def _compile_key(model: ModelConfig, requested: Mapping[str, tuple[int, ...]] | None) -> str:
     shape = dict(model.shape or {})
-    return repr((model.target_device, sorted(shape.items(), key=str), model.batch_size,
-                 sorted((model.layout or {}).items(), key=str), sorted((requested or {}).items())))
+    return repr(
+        (
+            model.target_device,
+            sorted(shape.items(), key=str),
+            model.batch_size,
+            sorted((model.layout or {}).items(), key=str),
+            sorted((requested or {}).items()),
+        )
+    )
 
 
 def _plugin_config(model: ModelConfig) -> dict[str, object]:
@@ -234,8 +243,13 @@ class Runtime:
                 ov_model = None
                 if model.shape or model.batch_size is not None or model.layout or requested:
                     ov_model = self.core.read_model(found.model)
-            log.info("Loading model: %s, version: %d, from path: %s, with target device: %s ...",
-                     model.name, version, source.version_dir, device)
+            log.info(
+                "Loading model: %s, version: %d, from path: %s, with target device: %s ...",
+                model.name,
+                version,
+                source.version_dir,
+                device,
+            )
             if ov_model is not None:
                 _reshape(ov_model, model, requested)
                 ov_model = _apply_layout(ov_model, model)
@@ -243,7 +257,9 @@ class Runtime:
             if decision.use and self.cache is not None and files:
                 cache_dir = self.cache.dir_for(model.name, files, _compile_key(model, requested))
             target = ov_model if ov_model is not None else found.model
-            compiled, from_cache = cache_rules.compile_model(self.core, target, device, _plugin_config(model), cache_dir)
+            compiled, from_cache = cache_rules.compile_model(
+                self.core, target, device, _plugin_config(model), cache_dir
+            )
             if cache_dir is not None and self.cache is not None:
                 self.cache.enforce_limit(keep=cache_dir)
         except LoadError:
@@ -265,11 +281,27 @@ class Runtime:
         auto_batch = model.batch_size == AUTO
         if auto_batch and any(len(p.get_partial_shape()) == 0 for p in compiled.inputs):
             raise LoadError("Batching set to AUTO but model contains scalar tensor")
-        served = ServedVersion(model.name, version, compiled, nireq, from_cache, decision.reason, batch_index, requested,
-                               auto_inputs, auto_batch)
-        log.info("Loaded model %s; version: %d; batch size: %s; No of InferRequests: %d; cache: %s; loaded from cache: %s",
-                 model.name, version, model.batch_size if model.batch_size is not None else "none", nireq,
-                 decision.reason, from_cache)
+        served = ServedVersion(
+            model.name,
+            version,
+            compiled,
+            nireq,
+            from_cache,
+            decision.reason,
+            batch_index,
+            requested,
+            auto_inputs,
+            auto_batch,
+        )
+        log.info(
+            "Loaded model %s; version: %d; batch size: %s; No of InferRequests: %d; cache: %s; loaded from cache: %s",
+            model.name,
+            version,
+            model.batch_size if model.batch_size is not None else "none",
+            nireq,
+            decision.reason,
+            from_cache,
+        )
         return served
 
     def _read_loaded(self, loaded: object) -> ov.Model:
@@ -280,7 +312,7 @@ class Runtime:
                 # ov.Tensor copies: the compiled model must not point into memory the loader is about to wipe
                 return self.core.read_model(xml, ov.Tensor(weights))
             return self.core.read_model(loaded.onnx_input(), ov.Tensor(np.empty(0, np.uint8)))  # type: ignore[attr-defined]
-        except (RuntimeError, TypeError) as exc:
+        except (RuntimeError, TypeError):
             # OpenVINO's text may quote the model; say only what kind of failure it was.
             raise LoadError(f"the custom loader returned a model OpenVINO cannot read ({kind})") from None
 

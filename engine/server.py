@@ -20,9 +20,9 @@ from .config import Config, ConfigInvalid
 from .frontend import kserve
 from .frontend.dataplane import DataPlane
 from .reconciler import Reconciler
-from .status import ReloadResult
 from .registry import Registry
 from .runtime import Runtime
+from .status import ReloadResult
 from .watcher import Watcher
 
 log = logging.getLogger("hotserve.server")
@@ -56,7 +56,9 @@ def setup_logging(level: str) -> None:
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("[%(asctime)s.%(msecs)03d][%(process)d][%(name)s][%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+        logging.Formatter(
+            "[%(asctime)s.%(msecs)03d][%(process)d][%(name)s][%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -132,13 +134,18 @@ class Server:
         try:
             self.port = self.grpc.add_insecure_port(address)
         except RuntimeError as exc:
-            raise SystemExit(f"Cannot start gRPC server on {address}: port is busy or the address is invalid ({exc})")
+            raise SystemExit(
+                f"Cannot start gRPC server on {address}: port is busy or the address is invalid ({exc})"
+            ) from None
         await self.grpc.start()
         log.info("Started gRPC server on port %d", self.port)
         result = await self.reconciler.trigger()
         self.plane.ready = True
-        log.info("Server ready: %d model(s); initial load %s", len(self.registry.models),
-                 "OK" if result.ok else f"with {len(result.errors)} error(s)")
+        log.info(
+            "Server ready: %d model(s); initial load %s",
+            len(self.registry.models),
+            "OK" if result.ok else f"with {len(result.errors)} error(s)",
+        )
         self.watcher.start()
 
     async def run(self) -> int:

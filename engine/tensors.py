@@ -65,7 +65,9 @@ def spec_of(port: ov.Output, batch_index: int) -> TensorSpec:
     bounds = None
     if shape.rank.is_static:
         bounds = tuple((d.get_min_length(), d.get_max_length()) for d in shape)
-    return TensorSpec(port.any_name, _OV_TO_KSERVE.get(port.element_type.get_type_name(), "UNKNOWN"), bounds, batch_index)
+    return TensorSpec(
+        port.any_name, _OV_TO_KSERVE.get(port.element_type.get_type_name(), "UNKNOWN"), bounds, batch_index
+    )
 
 
 def shape_text(shape: tuple[int, ...] | list[int]) -> str:

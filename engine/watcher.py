@@ -62,9 +62,9 @@ class Watcher:
     def relevant(self, path: str) -> bool:
         """The config file, Kubernetes' `..data` symlink swaps next to it, or anything under a base_path."""
         changed = Path(path)
-        if self._config is not None and changed.parent == self._config.parent:
-            if changed.name == self._config.name or changed.name.startswith(".."):
-                return True
+        config = self._config
+        if config is not None and changed.parent == config.parent and changed.name.startswith(("..", config.name)):
+            return changed.name == config.name or changed.name.startswith("..")
         return any(changed == base or base in changed.parents for base in self._base_paths())
 
     async def _rescan(self) -> None:

@@ -14,9 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ROOT, ServerProcess  # noqa: E402
+from harness import ROOT, ServerProcess
 
 __all__ = ["ROOT", "ServerProcess", "model_entry"]
+
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def mlp(folder: Path, widths: tuple[int, ...] = (2048, 4096, 2048, 2048, 2048), 
     rng = np.random.default_rng(seed)
     param = ops.parameter([1, widths[0]], np.float32, name="input")
     node = param
-    for cin, cout in zip(widths, widths[1:]):
+    for cin, cout in itertools.pairwise(widths):
         w = (rng.standard_normal((cin, cout)) * (1.0 / cin) ** 0.5).astype(np.float32)
         node = ops.relu(ops.matmul(node, ops.constant(w), False, False))
     node.output(0).get_tensor().set_names({"output"})
@@ -133,10 +134,13 @@ def onnx_mlp(folder: Path, widths: tuple[int, ...] = (2048, 4096, 2048, 2048, 20
 
     rng = np.random.default_rng(seed)
     nodes, inits, prev = [], [], "input"
-    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+    for i, (cin, cout) in enumerate(itertools.pairwise(widths)):
         w = (rng.standard_normal((cin, cout)) * (1.0 / cin) ** 0.5).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Relu", [f"m{i}"], [f"r{i}"]),
+        ]
         prev = f"r{i}"
     nodes[-1].output[0] = "output"
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, widths[0]])]

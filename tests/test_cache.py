@@ -146,7 +146,9 @@ def test_auto_shape_skips_the_cache_unless_allowed(tmp_path: Path, dummy: Path) 
 
 def test_cache_dir_in_plugin_config_is_rejected(tmp_path: Path, dummy: Path) -> None:
     config = tmp_path / "models.json"
-    config.write_text(json.dumps({"model_config_list": [model_entry("dummy", dummy, plugin_config={"CACHE_DIR": "/x"})]}))
+    config.write_text(
+        json.dumps({"model_config_list": [model_entry("dummy", dummy, plugin_config={"CACHE_DIR": "/x"})]})
+    )
     result = subprocess.run([sys.executable, "-m", "engine", "validate", str(config)], cwd=ROOT, capture_output=True,
                             text=True)  # fmt: skip
     assert result.returncode == 1
@@ -224,7 +226,8 @@ def test_two_processes_share_one_cache_dir(tmp_path: Path) -> None:
     config.write_text(json.dumps({"model_config_list": [model_entry("conv", tmp_path / "conv")]}))
     logs = tmp_path.parent / f"{tmp_path.name}-logs"
     logs.mkdir(exist_ok=True)
-    servers = [ServerProcess(["--config_path", str(config), "--port", "0", "--cache_dir", str(cache)], logs / f"{i}.log")
+    args = ["--config_path", str(config), "--port", "0", "--cache_dir", str(cache)]
+    servers = [ServerProcess(args, logs / f"{i}.log")
                for i in range(2)]  # fmt: skip
     x = np.ones((1, 3, 224, 224), np.float32)
     outputs = []

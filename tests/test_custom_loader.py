@@ -65,7 +65,10 @@ class Setup:
         return {"config": config}
 
     def write(self, *models: dict, loaders: list[dict] | None = None) -> None:
-        doc = {"model_config_list": list(models), "custom_loader_config_list": self.loaders if loaders is None else loaders}
+        doc = {
+            "model_config_list": list(models),
+            "custom_loader_config_list": self.loaders if loaders is None else loaders,
+        }
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.config)
@@ -86,7 +89,7 @@ def start(setup: Setup, serve, *models: dict, args: tuple[str, ...] = ()):  # ty
 
 
 def test_prediction_status_and_metadata_through_the_loader(setup: Setup, serve) -> None:  # type: ignore[no-untyped-def]
-    server, client = start(setup, serve, Setup.model())
+    _, client = start(setup, serve, Setup.model())
     np.testing.assert_allclose(value(client, "dummy"), X + 1)
     assert states(client, "dummy") == {1: "READY"}
     meta = client.get_model_metadata("dummy", as_json=True)
@@ -108,7 +111,9 @@ def test_remove_model_retires_and_calls_the_loader(setup: Setup, serve) -> None:
     with pytest.raises(InferenceServerException, match="Model with requested version is not found"):
         value(client, "dummy")
     wait_until(lambda: "unload_model dummy 1" in setup.call_log(), what="unload_model call")
-    assert "retire_model dummy -1" in setup.call_log() or any(c.startswith("retire_model dummy") for c in setup.call_log())
+    assert "retire_model dummy -1" in setup.call_log() or any(
+        c.startswith("retire_model dummy") for c in setup.call_log()
+    )
 
 
 def test_new_version_and_new_model_through_the_same_loader(setup: Setup, serve) -> None:  # type: ignore[no-untyped-def]
@@ -228,7 +233,7 @@ def test_bad_libraries_never_take_the_server_down(setup: Setup, serve, library: 
     (setup.root / "not-a-library.so").write_text("hello")
     setup.loaders = [Setup.loader("bad", library if isinstance(library, Path) else setup.root / str(library))]
     modelgen.add_const(setup.root / "plain" / "1", delta=3.0)
-    server, client = start(setup, serve, Setup.model(loader="bad"), Setup.model("plain", "plain", loader=None))
+    _, client = start(setup, serve, Setup.model(loader="bad"), Setup.model("plain", "plain", loader=None))
     np.testing.assert_allclose(value(client, "plain"), X + 3)
     text = reason(client, "dummy")
     assert "bad" in text and str(setup.loaders[0]["config"]["library_path"]) in text
@@ -312,7 +317,7 @@ def test_encrypted_model_serves_and_never_touches_the_cache(tmp_path: Path, serv
     assert weights in (encrypted["plain"] / "1" / "model.bin").read_bytes()  # the scan can find it where it is
     for folder in (cache, tmp_path / "enc", tmpdir):
         for path in folder.rglob("*"):
-            if not path.is_file() or path.is_symlink() or path.suffix == ".blob" and "open" in path.parts:
+            if not path.is_file() or path.is_symlink() or (path.suffix == ".blob" and "open" in path.parts):
                 continue
             try:
                 data = path.read_bytes()

@@ -62,7 +62,9 @@ def server(models: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ign
     import json
 
     path.write_text(json.dumps(config))
-    proc = ServerProcess(["--config_path", str(path), "--port", "0"], tmp_path_factory.mktemp("logs") / "server.log").wait_ready()
+    proc = ServerProcess(
+        ["--config_path", str(path), "--port", "0"], tmp_path_factory.mktemp("logs") / "server.log"
+    ).wait_ready()
     yield proc
     assert proc.stop() == 0
 
@@ -279,7 +281,8 @@ def test_failed_model_next_to_working_ones(client, server) -> None:  # type: ign
     assert err.status() == "StatusCode.UNAVAILABLE"
     assert "Model with requested version is not loaded yet" in err.message()
     assert "Error occurred while loading model: broken; version: 1" in server.log
-    assert 'STATUS CHANGE: Version 1 of model dummy status change. New status: ( "state": "AVAILABLE", "error_code": "OK" )' in server.log
+    change = 'STATUS CHANGE: Version 1 of model dummy status change. New status: ( "state": "AVAILABLE", '
+    assert change + '"error_code": "OK" )' in server.log
     assert "Directory does not exist" in server.log
 
 
@@ -287,12 +290,17 @@ def test_statistics_count_requests(client) -> None:  # type: ignore[no-untyped-d
     before = client.get_inference_statistics("int32", as_json=True)["model_stats"][0]
     infer(client, "int32", {"b": np.zeros((1, 10), np.int32)})
     after = client.get_inference_statistics("int32", as_json=True)["model_stats"][0]
-    assert int(after["inference_stats"]["success"]["count"]) == int(before["inference_stats"]["success"].get("count", 0)) + 1
+    assert (
+        int(after["inference_stats"]["success"]["count"])
+        == int(before["inference_stats"]["success"].get("count", 0)) + 1
+    )
 
 
 # ---- start-up and shutdown ----
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_invalid_config_at_startup_exits_1(tmp_path: Path) -> None:
@@ -374,8 +382,14 @@ def test_default_config_serves_out_of_the_box(serve) -> None:  # type: ignore[no
 
 def test_busy_port_fails_clearly(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     first = serve(ROOT / "configs" / "models.json")
-    result = run_cli("serve", "--config_path", str(ROOT / "configs" / "models.json"), "--port", str(first.port),
-                     "--grpc_bind_address", "127.0.0.1")
+    result = run_cli(
+        "serve",
+        "--config_path",
+        str(ROOT / "configs" / "models.json"),
+        "--port",
+        str(first.port),
+        "--grpc_bind_address",
+        "127.0.0.1",
+    )
     assert result.returncode != 0
     assert "port" in result.stderr.lower()
-

@@ -267,7 +267,9 @@ def test_configmap_symlink_swap_triggers_one_reload(tmp_path: Path, serve) -> No
     client = grpcclient.InferenceServerClient(server.address)
     second = mount / "..2026_02"
     second.mkdir()
-    write_config(second / "models.json", model_entry("m1", models / "m1"), model_entry("m2", models / "m2"), atomic=False)
+    write_config(
+        second / "models.json", model_entry("m1", models / "m1"), model_entry("m2", models / "m2"), atomic=False
+    )
     (mount / "..data_tmp").symlink_to("..2026_02")
     os.replace(mount / "..data_tmp", mount / "..data")
     shutil.rmtree(first)

@@ -69,7 +69,9 @@ def decode_bytes(name: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
 def decode_typed(name: str, datatype: str, shape: Sequence[int], values: Sequence[object]) -> np.ndarray:
     dtype = _dtype(datatype, name)
     if datatype not in CONTENTS_FIELD:
-        raise ServingError(Code.INVALID_MESSAGE_STRUCTURE, f"{datatype} must be sent in raw_input_contents; input name: {name}")
+        raise ServingError(
+            Code.INVALID_MESSAGE_STRUCTURE, f"{datatype} must be sent in raw_input_contents; input name: {name}"
+        )
     if len(values) != _count(shape):
         raise ServingError(
             Code.INVALID_VALUE_COUNT, f"Expected: {_count(shape)}; Actual: {len(values)}; input name: {name}"

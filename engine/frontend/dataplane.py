@@ -111,7 +111,9 @@ class DataPlane:
         if slot.status.state > State.AVAILABLE:
             raise ServingError(Code.MODEL_VERSION_NOT_LOADED_ANYMORE)
         if slot.status.state != State.AVAILABLE or slot.served is None:
-            raise ServingError(Code.MODEL_VERSION_NOT_LOADED_YET, slot.status.error_message if slot.status.failed else "")
+            raise ServingError(
+                Code.MODEL_VERSION_NOT_LOADED_YET, slot.status.error_message if slot.status.failed else ""
+            )
         return slot.served
 
     # ---- inference ----
@@ -149,6 +151,7 @@ class DataPlane:
             await self._reshape(name, number, feed.shapes)
             version = number
         raise AssertionError("unreachable: the second attempt never asks for a reshape")
+
 
 def _output_order(served: ServedVersion, requested: Sequence[str]) -> list[int]:
     index = {spec.name: i for i, spec in enumerate(served.outputs)}
@@ -200,14 +203,18 @@ def validate(
             b = spec.batch_index
             auto_shape = reshape_allowed and spec.name in served.auto_inputs
             if spec.bounds and not spec.accepts(b, tensor.shape[b]) and reshape_allowed and served.auto_batch:
-                reshape[spec.name] = tuple(n if i == b else s for i, (s, n) in enumerate(zip(spec.shape, tensor.shape)))
+                reshape[spec.name] = tuple(
+                    n if i == b else s for i, (s, n) in enumerate(zip(spec.shape, tensor.shape, strict=True))
+                )
             elif spec.bounds and not spec.accepts(b, tensor.shape[b]) and not auto_shape:
                 lo, hi = spec.bounds[b]
                 expected = str(lo) if lo == hi else spec.shape_text()
                 raise ServingError(
                     Code.INVALID_BATCH_SIZE, f"Expected: {expected}; Actual: {tensor.shape[b]}; input name: {spec.name}"
                 )
-            others_fit = all(spec.accepts(a, n) for a, n in enumerate(tensor.shape) if not (a == b and spec.name in reshape))
+            others_fit = all(
+                spec.accepts(a, n) for a, n in enumerate(tensor.shape) if not (a == b and spec.name in reshape)
+            )
             if not others_fit and auto_shape:
                 reshape[spec.name] = tuple(tensor.shape)
             elif not others_fit:

@@ -1,4 +1,4 @@
-"""KServe v2 gRPC (`inference.GRPCInferenceService`) as tritonclient and perf_analyzer speak it: messages ⇄ dataplane."""
+"""KServe v2 gRPC (`inference.GRPCInferenceService`) as tritonclient and perf_analyzer speak it."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["model_repository(read-only)"])
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=["model_repository(read-only)"]
+        )
 
     @guarded
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
@@ -67,8 +69,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             platform="openvino",
             backend="openvino",
             max_batch_size=0,  # dims below include the batch axis, as the model declares it
-            input=[mc.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=list(s.shape)) for s in meta.inputs],
-            output=[mc.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=list(s.shape)) for s in meta.outputs],
+            input=[
+                mc.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=list(s.shape)) for s in meta.inputs
+            ],
+            output=[
+                mc.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=list(s.shape))
+                for s in meta.outputs
+            ],
         )
         return pb.ModelConfigResponse(config=config)
 
@@ -76,7 +83,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         inputs = _decode_inputs(request)
         outputs = [o.name for o in request.outputs]
-        version, results = await self.plane.infer(request.model_name, parse_version(request.model_version), inputs, outputs)
+        version, results = await self.plane.infer(
+            request.model_name, parse_version(request.model_version), inputs, outputs
+        )
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
         for tensor in results:
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
@@ -95,7 +104,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     continue
                 reason = status.error_message if status.error_message != "OK" else ("" if ready else view.error or "")
                 response.models.add(
-                    name=view.name, version=str(status.version), state="READY" if ready else status.state.name, reason=reason
+                    name=view.name,
+                    version=str(status.version),
+                    state="READY" if ready else status.state.name,
+                    reason=reason,
                 )
         return response
 
