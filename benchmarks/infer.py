@@ -104,7 +104,7 @@ def main() -> None:
             {"config": {"name": "tiny", "base_path": str(root / "tiny")}},
             {"config": {"name": "conv", "base_path": str(root / "conv")}},
         ]}))  # fmt: skip
-        server = ServerProcess(["--config_path", str(config), "--port", "0", "--log_level", "WARNING"], root / "log")
+        server = ServerProcess(["--config_path", str(config), "--port", "0"], root / "log")
         server.wait_ready()
         rows = []
         try:

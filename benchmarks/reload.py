@@ -85,7 +85,7 @@ def reload_latency(root: Path, rounds: int) -> dict[str, object]:
     modelgen.add_const(root / "base" / "1")
     config = root / "models.json"
     write(config, [entry("base", root / "base")])
-    server = ServerProcess(["--config_path", str(config), "--port", "0", "--log_level", "WARNING"], root / "r.log")
+    server = ServerProcess(["--config_path", str(config), "--port", "0"], root / "r.log")
     server.wait_ready()
     c = client(server.address)
     config_times, folder_times = [], []
@@ -151,7 +151,7 @@ def under_load(root: Path, seconds: float) -> dict[str, object]:
     modelgen.conv(root / "busy" / "1", layers=8)
     config = root / "load.json"
     write(config, [entry("steady", root / "steady"), entry("busy", root / "busy")])
-    server = ServerProcess(["--config_path", str(config), "--port", "0", "--log_level", "WARNING"], root / "l.log")
+    server = ServerProcess(["--config_path", str(config), "--port", "0"], root / "l.log")
     server.wait_ready()
 
     def measure(reloading: bool) -> list[float]:

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -30,9 +31,11 @@ def _top_packages() -> list[str]:
 def generate(out: Path) -> None:
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
+        well_known = resources.files("grpc_tools") / "_proto"  # google/protobuf/*.proto
         args = [
             "protoc",
             f"-I{PROTOS}",
+            f"-I{well_known}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
