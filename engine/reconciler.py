@@ -81,6 +81,8 @@ class Reconciler:
         self._warned: set[str] = set()
         self._wake: asyncio.TimerHandle | None = None
         self._reshape_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._force = False
+        self._forced_run = False
         self._desired: dict[str, ModelConfig] = {}
         self._failures: dict[tuple[str, int], _Failure] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -91,8 +93,12 @@ class Reconciler:
         self.runs = 0
 
     # ---- triggering ----
-    def trigger(self) -> asyncio.Future[ReloadResult]:
-        """Ask for a reconcile; triggers during a run coalesce into one more run. Await the result if needed."""
+    def trigger(self, force: bool = False) -> asyncio.Future[ReloadResult]:
+        """Ask for a reconcile; triggers during a run coalesce into one more run. Await the result if needed.
+
+        `force` (an operator's reload: API, SIGHUP) also retries failed versions now instead of after their backoff.
+        """
+        self._force |= force
         fut: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
         self._pending.append(fut)
         if self._runner is None or self._runner.done():
@@ -102,6 +108,9 @@ class Reconciler:
     async def _run(self) -> None:
         while self._pending:
             waiting, self._pending = self._pending, []
+            self._forced_run, self._force = self._force, False
+            if self._forced_run:
+                self._failures.clear()
             try:
                 result = await self.reconcile()
             except Exception as exc:  # a bug must not kill the trigger loop; report it as the result
@@ -143,9 +152,20 @@ class Reconciler:
                 self.loaders.retire_model(self._desired[name])
                 self._desired[name] = None  # type: ignore[assignment]
         self._desired.update(desired)
+        errors += self._still_failing(desired, errors)
         self.last_result = ReloadResult(not errors, changed, tuple(errors))
         log.log(5, "Reconcile #%d done: changed=%s errors=%d", self.runs, changed, len(errors))
         return self.last_result
+
+    def _still_failing(self, desired: Mapping[str, ModelConfig], reported: list[str]) -> list[str]:
+        """Versions that failed before and wait for their retry: the result describes the state, not just this run."""
+        found = []
+        for name in desired:
+            for version, slot in sorted(self.registry.models[name].slots.items()):
+                line = f"model {name} version {version}: {slot.status.error_message}"
+                if slot.status.failed and line not in reported:
+                    found.append(line)
+        return found
 
     async def _model(self, model: ModelConfig) -> tuple[bool, list[str]]:
         async with self._parallel:
@@ -213,8 +233,12 @@ class Reconciler:
     def _ready_on_disk(self, name: str, version: int, path: object, now: float) -> bool:
         """A folder not yet served must have been quiet for QUIET_SECONDS: a half-copied folder is not ready."""
         slot = self.registry.models[name].slots.get(version)
-        if self.runs == 1 or (slot is not None and slot.status.state < State.UNLOADING and not slot.status.failed):
-            return True  # at start-up the files are what they are; a half-copied one fails and is retried
+        if (
+            self.runs == 1
+            or self._forced_run
+            or (slot is not None and slot.status.state < State.UNLOADING and not slot.status.failed)
+        ):
+            return True  # at start-up or on an operator's reload the files are what they are
         quiet = versions.quiet_since(path)  # type: ignore[arg-type]
         if now - quiet >= QUIET_SECONDS:
             return True

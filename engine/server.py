@@ -17,8 +17,9 @@ import grpc
 from . import cache as cache_rules
 from . import config as config_mod
 from .config import Config, ConfigInvalid
-from .frontend import kserve
+from .frontend import kserve, tfs
 from .frontend.dataplane import DataPlane
+from .frontend.health import Health, enable_reflection
 from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
@@ -111,12 +112,13 @@ class Server:
             settings.file_system_poll_wait_seconds,
             force_polling=settings.watch_mode == "poll",
         )
+        self.health = Health(self.plane)
         self.grpc: grpc.aio.Server | None = None
         self.port = 0
         self._stop = asyncio.Event()
 
     async def _reload(self) -> ReloadResult:
-        return await self.reconciler.trigger()
+        return await self.reconciler.trigger(force=True)
 
     def _base_paths(self) -> set[Path]:
         return {m.base_path for m in self.reconciler.config.models} if self.reconciler.config else set()
@@ -129,7 +131,9 @@ class Server:
                 ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
             ]
         )
-        kserve.register(self.grpc, self.plane)
+        services = [kserve.register(self.grpc, self.plane), *tfs.register(self.grpc, self.plane)]
+        services.append(self.health.register(self.grpc))
+        enable_reflection(self.grpc, services)
         address = f"{self.settings.grpc_bind_address}:{self.settings.port}"
         try:
             self.port = self.grpc.add_insecure_port(address)
@@ -146,6 +150,8 @@ class Server:
             len(self.registry.models),
             "OK" if result.ok else f"with {len(result.errors)} error(s)",
         )
+        await self.health.sync()
+        self.health.start()
         self.watcher.start()
 
     async def run(self) -> int:
@@ -160,11 +166,12 @@ class Server:
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading configuration")
-        self.reconciler.trigger()
+        self.reconciler.trigger(force=True)
 
     async def stop(self) -> None:
         log.info("Shutting down: no new RPCs; waiting for in-flight ones (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
         await self.watcher.stop()
+        await self.health.stop()
         if self.grpc is not None:
             await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
         with contextlib.suppress(Exception):

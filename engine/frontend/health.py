@@ -1,0 +1,61 @@
+"""grpc.health.v1 for Kubernetes probes, and server reflection for grpcurl.
+
+Service "" is SERVING once the initial reconcile is done; a model's name is SERVING while it has an AVAILABLE
+version. Statuses are synced from the registry on a short period rather than pushed from the reconciler, so that
+nothing on the loading path knows about the front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .dataplane import DataPlane
+
+SYNC_SECONDS = 0.25
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.servicer = health.aio.HealthServicer()
+        self._known: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def register(self, server: grpc.aio.Server) -> str:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        return health.SERVICE_NAME
+
+    async def sync(self) -> None:
+        wanted = {"": SERVING if self.plane.ready else NOT_SERVING}
+        for view in self.plane.models():
+            wanted[view.name] = SERVING if self.plane.registry.model(view.name).default_version() else NOT_SERVING
+        for name, status in wanted.items():
+            if self._known.get(name) != status:
+                await self.servicer.set(name, status)
+                self._known[name] = status
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.sync()
+            await asyncio.sleep(SYNC_SECONDS)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()
+
+
+def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)

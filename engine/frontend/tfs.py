@@ -1,0 +1,172 @@
+"""TF Serving gRPC API as ovmsclient and perf_analyzer (`--service-kind tfserving`) speak it: messages ⇄ dataplane.
+
+PredictionService: Predict, GetModelMetadata. ModelService: GetModelStatus, HandleReloadConfigRequest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ..errors import Code, ServingError
+from ..tensors import KSERVE_TO_NUMPY, TensorSpec
+from .dataplane import DataPlane, Tensor
+from .generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from .generated.tensorflow.core.protobuf import meta_graph_pb2
+from .generated.tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
+from .grpc_errors import guarded
+
+SIGNATURE = "serving_default"
+_TF_TO_KSERVE = {
+    "DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_HALF": "FP16", "DT_BFLOAT16": "BF16",
+    "DT_INT8": "INT8", "DT_INT16": "INT16", "DT_INT32": "INT32", "DT_INT64": "INT64",
+    "DT_UINT8": "UINT8", "DT_UINT16": "UINT16", "DT_UINT32": "UINT32", "DT_UINT64": "UINT64",
+    "DT_BOOL": "BOOL", "DT_STRING": "BYTES",
+}  # fmt: skip
+_KSERVE_TO_TF = {v: types_pb2.DataType.Value(k) for k, v in _TF_TO_KSERVE.items()}
+# The typed field that carries each datatype when tensor_content is empty.
+_VALUES = {
+    "FP32": "float_val", "FP64": "double_val", "INT64": "int64_val", "BOOL": "bool_val", "BYTES": "string_val",
+    "INT8": "int_val", "INT16": "int_val", "INT32": "int_val", "UINT8": "int_val", "UINT16": "int_val",
+    "UINT32": "uint32_val", "UINT64": "uint64_val", "FP16": "half_val",
+}  # fmt: skip
+
+
+def _version(spec: Any) -> int | None:
+    return spec.version.value if spec.HasField("version") and spec.version.value != 0 else None
+
+
+def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
+    dtype_name = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else "?"
+    datatype = _TF_TO_KSERVE.get(dtype_name)
+    if datatype is None:
+        raise ServingError(Code.INVALID_PRECISION, f"Unsupported dtype {dtype_name}; input name: {name}")
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    count = int(np.prod(shape)) if shape else 1
+    if proto.tensor_content:
+        dtype = KSERVE_TO_NUMPY[datatype]
+        expected, actual = count * dtype.itemsize, len(proto.tensor_content)
+        if actual != expected:
+            detail = f"Expected: {expected} bytes; Actual: {actual} bytes; input name: {name}"
+            raise ServingError(Code.INVALID_CONTENT_SIZE, detail)
+        return Tensor(name, datatype, shape, np.frombuffer(proto.tensor_content, dtype).reshape(shape))
+    values = getattr(proto, _VALUES[datatype])
+    if len(values) != count:
+        raise ServingError(Code.INVALID_VALUE_COUNT, f"Expected: {count}; Actual: {len(values)}; input name: {name}")
+    if datatype == "BYTES":
+        data = np.empty(count, dtype=object)
+        data[:] = list(values)
+    elif datatype == "FP16":
+        data = np.asarray(values, np.uint16).view(np.float16)
+    else:
+        data = np.asarray(values, KSERVE_TO_NUMPY[datatype])
+    return Tensor(name, datatype, shape, data.reshape(shape))
+
+
+def encode(tensor: Tensor) -> tensor_pb2.TensorProto:
+    proto = tensor_pb2.TensorProto(dtype=_KSERVE_TO_TF[tensor.datatype])
+    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in tensor.shape)
+    if tensor.datatype == "BYTES":
+        proto.string_val.extend(x if isinstance(x, bytes) else str(x).encode() for x in tensor.data.reshape(-1))
+    else:
+        proto.tensor_content = np.ascontiguousarray(tensor.data).tobytes()
+    return proto
+
+
+def _tensor_info(spec: TensorSpec) -> meta_graph_pb2.TensorInfo:
+    info = meta_graph_pb2.TensorInfo(name=spec.name, dtype=_KSERVE_TO_TF.get(spec.datatype, 0))
+    info.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in spec.shape)
+    return info
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    @guarded
+    async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> predict_pb2.PredictResponse:
+        if not request.HasField("model_spec"):
+            raise ServingError(Code.MODEL_SPEC_MISSING)
+        spec = request.model_spec
+        inputs = [decode(name, proto) for name, proto in request.inputs.items()]
+        version, outputs = await self.plane.infer(spec.name, _version(spec), inputs, list(request.output_filter))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = version
+        for tensor in outputs:
+            response.outputs[tensor.name].CopyFrom(encode(tensor))
+        return response
+
+    @guarded
+    async def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: Any
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        if not request.HasField("model_spec"):
+            raise ServingError(Code.MODEL_SPEC_MISSING)
+        if list(request.metadata_field) != ["signature_def"]:
+            raise ServingError(Code.INVALID_SIGNATURE_DEF)
+        meta = self.plane.metadata(request.model_spec.name, _version(request.model_spec))
+        signature = meta_graph_pb2.SignatureDef(method_name="")
+        for spec in meta.inputs:
+            signature.inputs[spec.name].CopyFrom(_tensor_info(spec))
+        for spec in meta.outputs:
+            signature.outputs[spec.name].CopyFrom(_tensor_info(spec))
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures.signature_def[SIGNATURE].CopyFrom(signature)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = meta.name
+        response.model_spec.version.value = meta.version
+        response.metadata["signature_def"].Pack(signatures)  # type_url: type.googleapis.com/tensorflow.serving.…
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    @guarded
+    async def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: Any
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        spec = request.model_spec
+        version = spec.version.value if spec.HasField("version") else None
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for status in self.plane.version_status(spec.name, version or None):
+            entry = response.model_version_status.add(version=status.version, state=int(status.state))
+            entry.status.error_code = int(status.error_code)
+            entry.status.error_message = status.error_message
+        return response
+
+    @guarded
+    async def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context: Any
+    ) -> model_management_pb2.ReloadConfigResponse:
+        if request.HasField("config") and request.config.WhichOneof("config") is not None:
+            raise ServingError(Code.CONFIG_FROM_FILE_ONLY, "a ReloadConfigRequest must not carry a config")
+        result = await self.plane.reload()
+        response = model_management_pb2.ReloadConfigResponse()
+        if not result.ok:
+            response.status.error_code = 9 if not result.config_valid else 2  # FAILED_PRECONDITION / UNKNOWN
+            response.status.error_message = "; ".join(result.errors)
+        return response
+
+
+def register(server: grpc.aio.Server, plane: DataPlane) -> list[str]:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(plane), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(plane), server)
+    # importing the services' own pb2 modules also puts their descriptors where reflection looks
+    return [
+        prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+        model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    ]
