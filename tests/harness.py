@@ -52,8 +52,12 @@ class ServerProcess:
             time.sleep(0.05)
 
     def wait_ready(self) -> ServerProcess:
-        self.port = int(self.wait_for(r"Started gRPC server on port (\d+)", STARTUP_TIMEOUT).group(1))
-        self.wait_for(r"Server ready", STARTUP_TIMEOUT)
+        try:
+            self.port = int(self.wait_for(r"Started gRPC server on port (\d+)", STARTUP_TIMEOUT).group(1))
+            self.wait_for(r"Server ready", STARTUP_TIMEOUT)
+        except BaseException:
+            self.stop(timeout=5)  # never leave a server behind
+            raise
         return self
 
     def signal(self, sig: int) -> None:

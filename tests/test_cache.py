@@ -45,8 +45,10 @@ def run_once(tmp_path: Path, cache: Path | None, *entries: dict, env: dict | Non
     logs = tmp_path.parent / f"{tmp_path.name}-logs"
     logs.mkdir(exist_ok=True)
     server = ServerProcess(args, logs / f"run{len(list(logs.iterdir()))}.log", env).wait_ready()
-    server.outputs = {e["config"]["name"]: value(server.address, e["config"]["name"]) for e in entries}  # type: ignore[attr-defined]
-    server.stop()
+    try:
+        server.outputs = {e["config"]["name"]: value(server.address, e["config"]["name"]) for e in entries}  # type: ignore[attr-defined]
+    finally:
+        server.stop()
     return server
 
 

@@ -102,7 +102,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ready = status.state == State.AVAILABLE
                 if request.ready and not ready:
                     continue
-                reason = status.error_message if status.error_message != "OK" else ("" if ready else view.error or "")
+                reason = status.error_message if status.error_message != "OK" else view.error or ""
+                if ready:  # a served version's reason says how it was compiled (for `hotserve status`)
+                    reason = f"cache: {status.cache}" + ("; loaded from cache" if status.loaded_from_cache else "")
                 response.models.add(
                     name=view.name,
                     version=str(status.version),

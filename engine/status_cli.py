@@ -1,0 +1,73 @@
+"""`hotserve status`: what a running server serves, read over gRPC (RepositoryIndex), as a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+
+EX_UNAVAILABLE = 69
+
+
+def fetch(address: str, model: str | None, timeout: float = 5.0) -> list[tuple[str, str, str, str, str]]:
+    """Rows of (model, version, state, cache, error)."""
+    from .frontend.generated.inference import grpc_service_pb2 as pb
+    from .frontend.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+    rows = []
+    for entry in index.models:
+        if model is not None and entry.name != model:
+            continue
+        ready = entry.state == "READY"
+        cache = entry.reason.removeprefix("cache: ") if ready else ""
+        rows.append((entry.name, entry.version or "-", "AVAILABLE" if ready else entry.state, cache,
+                     "" if ready else entry.reason))  # fmt: skip
+    return rows
+
+
+def render(rows: list[tuple[str, str, str, str, str]]) -> str:
+    header = ("MODEL", "VERSION", "STATE", "CACHE", "ERROR")
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in table]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    from .cli import UsageError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise UsageError(message)
+
+    parser = Parser(prog="hotserve status", description="Show the models, versions, states and errors of a server.")
+    parser.add_argument(
+        "--address", default="localhost:9000", help="HOST:PORT of the gRPC port (default localhost:9000)"
+    )
+    parser.add_argument("--model", help="only this model")
+    parser.add_argument("--watch", action="store_true", help="redraw when something changes (Ctrl-C to stop)")
+    args = parser.parse_args(argv)
+    shown = None
+    while True:
+        try:
+            rows = fetch(args.address, args.model)
+        except grpc.RpcError as exc:
+            print(f"hotserve status: cannot reach {args.address}: {exc.code().name}", file=sys.stderr)
+            return EX_UNAVAILABLE
+        text = render(rows) if rows else f"no models{f' named {args.model}' if args.model else ''}"
+        if text != shown:
+            if args.watch and shown is not None:
+                print("\033[2J\033[H", end="")
+            print(text, flush=True)
+            shown = text
+        if not args.watch:
+            return 0 if rows or args.model is None else 1
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return 0
