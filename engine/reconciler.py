@@ -91,6 +91,7 @@ class Reconciler:
         self.config: Config | None = None
         self.last_result: ReloadResult | None = None
         self.runs = 0
+        self.failed_runs = 0
 
     # ---- triggering ----
     def trigger(self, force: bool = False) -> asyncio.Future[ReloadResult]:
@@ -130,6 +131,7 @@ class Reconciler:
             for error in exc.errors:
                 log.error("Configuration invalid, nothing applied: %s", error)
             self.last_result = ReloadResult(False, False, tuple(str(e) for e in exc.errors), config_valid=False)
+            self.failed_runs += 1
             return self.last_result
         errors: list[str] = [str(e) for e in config.errors]
         for error in config.errors:
@@ -154,6 +156,7 @@ class Reconciler:
         self._desired.update(desired)
         errors += self._still_failing(desired, errors)
         self.last_result = ReloadResult(not errors, changed, tuple(errors))
+        self.failed_runs += bool(errors)
         log.log(5, "Reconcile #%d done: changed=%s errors=%d", self.runs, changed, len(errors))
         return self.last_result
 
@@ -283,6 +286,7 @@ class Reconciler:
             status = status.moved(State.LOADING)
             self.registry.set_status(name, status)
         started = versions.quiet_since(path)  # type: ignore[arg-type]
+        clock = time.perf_counter()
         try:
             served = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._compile, model, version, path, loader
@@ -299,7 +303,11 @@ class Reconciler:
             return message
         self._failures.pop((name, version), None)
         new_status = VersionStatus(
-            version, State.AVAILABLE, cache=served.cache_reason, loaded_from_cache=served.loaded_from_cache
+            version,
+            State.AVAILABLE,
+            cache=served.cache_reason,
+            loaded_from_cache=served.loaded_from_cache,
+            load_seconds=time.perf_counter() - clock,
         )
         old = self.registry.install(name, served, new_status)
         self._applied.setdefault(name, {})[version] = (model, self.loaders.generation(model))

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 
 from . import cache as cache_rules
 from . import config as config_mod
 from .config import Config, ConfigInvalid
-from .frontend import kserve, tfs
+from .frontend import kserve, rest, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
+from .metrics import Metrics
 from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
@@ -102,8 +104,13 @@ class Server:
         cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
         self.registry = Registry()
         self.reconciler = Reconciler(self.source, self.registry, Runtime(cache))
+        self.metrics = Metrics(self.registry, self.reconciler, cache)
         self.plane = DataPlane(
-            self.registry, self._reload, lambda: self.reconciler.last_result, self.reconciler.reshape
+            self.registry,
+            self._reload,
+            lambda: self.reconciler.last_result,
+            self.reconciler.reshape,
+            self.metrics.observe,
         )
         self.watcher = Watcher(
             settings.config_path,
@@ -114,6 +121,7 @@ class Server:
         )
         self.health = Health(self.plane)
         self.grpc: grpc.aio.Server | None = None
+        self.rest: web.AppRunner | None = None
         self.port = 0
         self._stop = asyncio.Event()
 
@@ -143,6 +151,16 @@ class Server:
             ) from None
         await self.grpc.start()
         log.info("Started gRPC server on port %d", self.port)
+        if self.settings.rest_port:
+            try:
+                self.rest = await rest.start(
+                    self.plane, self.settings.rest_bind_address, self.settings.rest_port, self.metrics.render
+                )
+            except OSError as exc:
+                raise SystemExit(
+                    f"Cannot start REST server on port {self.settings.rest_port}: {exc.strerror}"
+                ) from None
+            log.info("Started REST server on port %d", rest.bound_port(self.rest))
         result = await self.reconciler.trigger()
         self.plane.ready = True
         log.info(
@@ -172,6 +190,8 @@ class Server:
         log.info("Shutting down: no new RPCs; waiting for in-flight ones (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
         await self.watcher.stop()
         await self.health.stop()
+        if self.rest is not None:
+            await self.rest.cleanup()
         if self.grpc is not None:
             await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
         with contextlib.suppress(Exception):

@@ -34,6 +34,7 @@ class VersionStatus:
     error_message: str = "OK"
     cache: str = "no cache dir"  # whether the compiled-model cache is used, and why not
     loaded_from_cache: bool = False
+    load_seconds: float = 0.0  # how long the last successful load took
 
     @property
     def failed(self) -> bool:

@@ -63,7 +63,9 @@ class DataPlane:
         reload: Callable[[], Awaitable[ReloadResult]],
         last_result: Callable[[], ReloadResult | None],
         reshape: Callable[[str, int, dict[str, tuple[int, ...]]], Awaitable[None]],
+        observe: Callable[[str, int | None, str, bool, float], None] | None = None,
     ) -> None:
+        self._observe = observe  # metrics: (model, version, api, ok, seconds)
         self.registry = registry
         self._reload = reload
         self._reshape = reshape
@@ -118,12 +120,26 @@ class DataPlane:
 
     # ---- inference ----
     async def infer(
-        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str] = ()
+        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str] = (), api: str = "kserve"
     ) -> tuple[int, list[Tensor]]:
         """Validate, infer without blocking the loop, return (version, outputs in the requested or model order).
 
         A request whose shape differs from an `auto` version's reshapes that version once, then runs.
         """
+        if self._observe is None:
+            return await self._infer(name, version, inputs, outputs)
+        started = time.perf_counter()
+        try:
+            result = await self._infer(name, version, inputs, outputs)
+        except BaseException:
+            self._observe(name, version, api, False, time.perf_counter() - started)
+            raise
+        self._observe(name, result[0], api, True, time.perf_counter() - started)
+        return result
+
+    async def _infer(
+        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str]
+    ) -> tuple[int, list[Tensor]]:
         for attempt in range(2):
             async with self.registry.lease(name, version) as slot:
                 served = slot.served

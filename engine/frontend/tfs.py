@@ -100,7 +100,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise ServingError(Code.MODEL_SPEC_MISSING)
         spec = request.model_spec
         inputs = [decode(name, proto) for name, proto in request.inputs.items()]
-        version, outputs = await self.plane.infer(spec.name, _version(spec), inputs, list(request.output_filter))
+        version, outputs = await self.plane.infer(
+            spec.name, _version(spec), inputs, list(request.output_filter), api="tfs"
+        )
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.value = version

@@ -1,0 +1,179 @@
+"""REST on `--rest_port` (aiohttp, same event loop): OVMS's /v1/config endpoints, KServe v2 REST, /metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from ..errors import Code, ServingError
+from ..status import ReloadResult
+from ..tensors import KSERVE_TO_NUMPY, TensorSpec
+from .dataplane import DataPlane, Tensor, parse_version
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[..., Any]:
+    """ServingError → its HTTP status and {"error": message}; a bad body → 400."""
+
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ServingError as exc:
+            return _error(exc.code.http_status, str(exc))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, f"invalid request: {exc}")
+
+    return wrapper
+
+
+def config_status(plane: DataPlane) -> dict[str, Any]:
+    """GET /v1/config in OVMS's format (models by name, versions ascending, version as a string)."""
+    body: dict[str, Any] = {}
+    for view in plane.models():
+        body[view.name] = {
+            "model_version_status": [
+                {
+                    "version": str(s.version),
+                    "state": s.state.name,
+                    "status": {"error_code": s.error_code.name, "error_message": s.error_message},
+                }
+                for s in view.versions
+            ]
+        }
+    return body
+
+
+def _reload_view(result: ReloadResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "ok": result.ok,
+        "changed": result.changed,
+        "config_valid": result.config_valid,
+        "errors": list(result.errors),
+    }
+
+
+def _metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+def _decode(item: dict[str, Any]) -> Tensor:
+    name, datatype, shape = item["name"], item["datatype"], tuple(int(d) for d in item["shape"])
+    dtype = KSERVE_TO_NUMPY.get(datatype)
+    if dtype is None:
+        raise ServingError(Code.INVALID_PRECISION, f"Unsupported datatype {datatype!r}; input name: {name}")
+    flat = np.asarray(item["data"], dtype=object if datatype == "BYTES" else dtype).reshape(-1)
+    count = int(np.prod(shape)) if shape else 1
+    if flat.size != count:
+        raise ServingError(Code.INVALID_VALUE_COUNT, f"Expected: {count}; Actual: {flat.size}; input name: {name}")
+    if datatype == "BYTES":
+        flat = np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
+    return Tensor(name, datatype, shape, flat.reshape(shape))
+
+
+def _encode(tensor: Tensor) -> dict[str, Any]:
+    data = tensor.data.reshape(-1)
+    values = (
+        [x.decode(errors="replace") if isinstance(x, bytes) else x for x in data]
+        if data.dtype == object
+        else data.tolist()
+    )
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape), "data": values}
+
+
+def app(plane: DataPlane, metrics: Callable[[], bytes] | None = None) -> web.Application:
+    routes = web.RouteTableDef()
+
+    @routes.get("/v1/config")
+    @_guarded
+    async def get_config(request: web.Request) -> web.Response:
+        body = config_status(plane)
+        body["_last_reload"] = _reload_view(plane.last_reload())
+        return web.json_response(body)
+
+    @routes.post("/v1/config/reload")
+    @_guarded
+    async def reload(request: web.Request) -> web.Response:
+        result = await plane.reload()
+        if not result.config_valid:
+            return _error(
+                412, "Reloading config file failed. Check server logs for more info. " + "; ".join(result.errors)
+            )
+        body = config_status(plane)
+        body["_last_reload"] = _reload_view(result)
+        return web.json_response(body, status=201 if result.changed else 200)
+
+    @routes.get("/v2/health/live")
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    @routes.get("/v2/health/ready")
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"ready": plane.ready}, status=200 if plane.ready else 503)
+
+    @routes.get("/v2/models/{name}")
+    @routes.get("/v2/models/{name}/versions/{version}")
+    @_guarded
+    async def metadata(request: web.Request) -> web.Response:
+        meta = plane.metadata(request.match_info["name"], parse_version(request.match_info.get("version", "")))
+        return web.json_response({
+            "name": meta.name, "versions": [str(v) for v in meta.versions], "platform": "OpenVINO",
+            "inputs": [_metadata(s) for s in meta.inputs], "outputs": [_metadata(s) for s in meta.outputs],
+        })  # fmt: skip
+
+    @routes.get("/v2/models/{name}/ready")
+    @routes.get("/v2/models/{name}/versions/{version}/ready")
+    @_guarded
+    async def model_ready(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        is_ready = plane.model_ready(name, parse_version(request.match_info.get("version", "")))
+        return web.json_response({"name": name, "ready": is_ready}, status=200 if is_ready else 400)
+
+    @routes.post("/v2/models/{name}/infer")
+    @routes.post("/v2/models/{name}/versions/{version}/infer")
+    @_guarded
+    async def infer(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"body is not JSON: {exc}") from None
+        name = request.match_info["name"]
+        inputs = [_decode(item) for item in body["inputs"]]
+        wanted = [o["name"] for o in body.get("outputs", [])]
+        version, outputs = await plane.infer(
+            name, parse_version(request.match_info.get("version", "")), inputs, wanted, api="rest"
+        )
+        response = {"model_name": name, "model_version": str(version), "outputs": [_encode(t) for t in outputs]}
+        if "id" in body:
+            response["id"] = body["id"]
+        return web.json_response(response)
+
+    if metrics is not None:
+
+        @routes.get("/metrics")
+        async def scrape(request: web.Request) -> web.Response:
+            return web.Response(body=metrics(), content_type="text/plain", charset="utf-8")
+
+    application = web.Application(client_max_size=1 << 30)
+    application.add_routes(routes)
+    return application
+
+
+async def start(plane: DataPlane, host: str, port: int, metrics: Callable[[], bytes] | None) -> web.AppRunner:
+    runner = web.AppRunner(app(plane, metrics), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=False)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return int(runner.addresses[0][1])
