@@ -57,7 +57,7 @@ def env(tmp_path: Path, serve):  # type: ignore[no-untyped-def]
 
 
 def test_v1_config_and_reload_codes(env) -> None:  # type: ignore[no-untyped-def]
-    server, base, config, tmp_path = env
+    _, base, config, tmp_path = env
     status, body = http("GET", f"{base}/v1/config")
     assert status == 200
     assert body["dummy"] == {
