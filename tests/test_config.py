@@ -247,7 +247,7 @@ def test_version_folders(tmp_path: Path) -> None:
 def test_model_files(tmp_path: Path) -> None:
     (tmp_path / "ir").mkdir()
     (tmp_path / "ir" / "net.xml").write_text("<net/>")
-    with pytest.raises(versions.ModelFilesError, match="no weights file net.bin"):
+    with pytest.raises(versions.ModelFilesError, match=r"no weights file net\.bin"):
         versions.model_files(tmp_path / "ir")
     (tmp_path / "ir" / "net.bin").write_bytes(b"")
     assert versions.model_files(tmp_path / "ir").kind == "IR"
