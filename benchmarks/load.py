@@ -144,9 +144,7 @@ def encrypted_rows(root: Path, repeat: int) -> dict[str, float]:
     options = {"loader_name": "aes", "model_file": "model.xml.enc", "bin_file": "model.bin.enc"}
     plain_s = median_of(lambda: served_load(root, "mlp_plain", plain, None), repeat)
     enc_s = median_of(
-        lambda: served_load(
-            root, "mlp_enc", root / "mlp_enc", None, {"custom_loader_options": options, "_loaders": loaders}
-        ),
+        lambda: served_load(root, "mlp_enc", root / "mlp_enc", None, {"custom_loader_options": options}, loaders),
         repeat,
     )
     return {"plaintext_s": plain_s, "encrypted_s": enc_s, "encrypted_over_plaintext": enc_s / plain_s}

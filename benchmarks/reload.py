@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,11 @@ import modelgen
 from harness import ServerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STAMP = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]"
+
+
+def _when(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").timestamp()
 
 
 def entry(name: str, base: Path, **extra: object) -> dict:
@@ -130,15 +136,14 @@ def scale(root: Path, count: int) -> dict[str, object]:
     try:
         mark = len(server.log)
         entries[17] = entry("m017", root / "tiny", nireq=2)
-        t0 = time.perf_counter()
+        written = time.time()
         write(config, entries)
-        server.wait_for(r"Loaded model m017; version: 1", timeout=60, start=mark)
-        applied = time.perf_counter() - t0
+        line = server.wait_for(STAMP + r".*Loaded model m017; version: 1", timeout=60, start=mark)
+        applied = _when(line.group(1)) - written  # the server's own clock, not this script's polling
         time.sleep(1.5)
         tail = server.log[mark:]
-        touched = {
-            line.split("model: ")[1].split(";")[0] for line in tail.splitlines() if "Will reload model: " in line
-        }
+        reloads = [text for text in tail.splitlines() if "Will reload model: " in text]
+        touched = {text.split("model: ")[1].split(";")[0] for text in reloads}
     finally:
         server.stop()
     load = compile_seconds(root / "tiny" / "1" / "model.xml")
