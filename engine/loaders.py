@@ -24,11 +24,14 @@ class _Open:
 class LoaderSet:
     def __init__(self) -> None:
         self._open: dict[str, _Open] = {}
-        self._failed: dict[str, str] = {}  # loader name → why it could not be opened
+        self._failed: dict[str, tuple[LoaderConfig, str]] = {}  # loader name → (its config, why it failed to open)
         self._generation = 0
 
-    def sync(self, configs: Iterable[LoaderConfig]) -> list[str]:
-        """Open new loaders, re-open changed ones (the old one serves until the new one is up), close removed ones."""
+    def sync(self, configs: Iterable[LoaderConfig], retry: bool = False) -> list[str]:
+        """Open new loaders, re-open changed ones (the old one serves until the new one is up), close removed ones.
+
+        A loader entry that failed is tried again when it changes, or on `retry` (an operator's reload).
+        """
         from .loader_bridge import Loader, LoaderError
 
         errors: list[str] = []
@@ -37,14 +40,16 @@ class LoaderSet:
             current = self._open.get(name)
             if current is not None and current.config == config:
                 continue
+            failed = self._failed.get(name)
+            if failed is not None and failed[0] == config and not retry:
+                errors.append(f"loader {name}: {failed[1]}")
+                continue
             log.info("Reading Custom Loader: %s configuration", name)
             try:
                 loader = Loader.open(name, config.library_path, config.config_file)
             except LoaderError as exc:
-                log.error("Creation of loader: %s failed: %s", name, exc)
                 errors.append(f"loader {name}: {exc}")
-                if current is None:
-                    self._failed[name] = str(exc)
+                self._failed[name] = (config, str(exc))
                 continue
             self._failed.pop(name, None)
             self._generation += 1
@@ -65,7 +70,8 @@ class LoaderSet:
 
     def failure(self, name: str) -> str | None:
         """Why a configured loader is not open (library missing, bad ABI, init failed…), if it is not."""
-        return self._failed.get(name)
+        found = self._failed.get(name)
+        return None if found is None or name in self._open else found[1]
 
     def generation(self, model: ModelConfig) -> int:
         found = self._open.get(model.loader_name or "")

@@ -78,7 +78,8 @@ class Reconciler:
         self._parallel = asyncio.Semaphore(parallel_loads)
         # the config (and loader generation) each served version was compiled with
         self._applied: dict[str, dict[int, tuple[ModelConfig, int]]] = {}
-        self._warned: set[str] = set()
+        self._said: set[str] = set()  # problems already logged: each is logged once while it lasts
+        self._said_now: set[str] = set()
         self._wake: asyncio.TimerHandle | None = None
         self._reshape_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._force = False
@@ -125,19 +126,38 @@ class Reconciler:
     async def reconcile(self) -> ReloadResult:
         self.runs += 1
         log.log(5, "Reconcile #%d started", self.runs)
+        if self._forced_run:
+            self._said.clear()  # an operator asked: say everything again
+        self._said_now = set()
+        try:
+            result = await self._reconcile()
+        finally:
+            self._said = self._said_now
+        self.last_result = result
+        self.failed_runs += not result.ok
+        log.log(5, "Reconcile #%d done: changed=%s errors=%d", self.runs, result.changed, len(result.errors))
+        return result
+
+    def _say(self, level: int, message: str) -> None:
+        """Log a problem once while it lasts, not on every poll."""
+        self._said_now.add(message)
+        if message not in self._said:
+            log.log(level, "%s", message)
+
+    async def _reconcile(self) -> ReloadResult:
         try:
             config = self._source()
         except ConfigInvalid as exc:
             for error in exc.errors:
-                log.error("Configuration invalid, nothing applied: %s", error)
-            self.last_result = ReloadResult(False, False, tuple(str(e) for e in exc.errors), config_valid=False)
-            self.failed_runs += 1
-            return self.last_result
+                self._say(logging.ERROR, f"Configuration invalid, nothing applied: {error}")
+            return ReloadResult(False, False, tuple(str(e) for e in exc.errors), config_valid=False)
         errors: list[str] = [str(e) for e in config.errors]
         for error in config.errors:
-            log.error("Invalid entry left as it was: %s", error)
+            self._say(logging.ERROR, f"Invalid entry left as it was: {error}")
         self.config = config
-        errors += self.loaders.sync(config.loaders)
+        errors += self.loaders.sync(config.loaders, retry=self._forced_run)
+        for error in errors[len(config.errors) :]:
+            self._say(logging.ERROR, error)
         changed = False
         desired = {m.name: m for m in config.models}
         untouched = set(config.model_errors)
@@ -155,10 +175,7 @@ class Reconciler:
                 self._desired[name] = None  # type: ignore[assignment]
         self._desired.update(desired)
         errors += self._still_failing(desired, errors)
-        self.last_result = ReloadResult(not errors, changed, tuple(errors))
-        self.failed_runs += bool(errors)
-        log.log(5, "Reconcile #%d done: changed=%s errors=%d", self.runs, changed, len(errors))
-        return self.last_result
+        return ReloadResult(not errors, changed, tuple(errors))
 
     def _still_failing(self, desired: Mapping[str, ModelConfig], reported: list[str]) -> list[str]:
         """Versions that failed before and wait for their retry: the result describes the state, not just this run."""
@@ -182,14 +199,14 @@ class Reconciler:
         entry = self.registry.ensure(model.name)
         scan = versions.scan(model.base_path)
         for warning in scan.warnings:
-            self._warn_once(f"{warning} (model {model.name})")
+            self._say(logging.WARNING, f"{warning} (model {model.name})")
         entry.error = None
         if not scan.exists:
             entry.error = f"Directory does not exist: {model.base_path}"
             if any(s.status.state < State.UNLOADING for s in entry.slots.values()):
                 log.error("%s; retiring all versions of model %s", entry.error, model.name)
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
-            log.error("%s (model %s)", entry.error, model.name)
+            self._say(logging.ERROR, f"{entry.error} (model {model.name})")
             return False, [f"model {model.name}: {entry.error}"]
         previous = self._desired.get(model.name)
         if previous is not None and previous.custom_loader_options != model.custom_loader_options:
@@ -200,9 +217,8 @@ class Reconciler:
             if loader is None:
                 why = self.loaders.failure(model.loader_name)
                 entry.error = f"Specified custom loader {model.loader_name} not found" + (f": {why}" if why else "")
-                log.error(
-                    "%s. In case any models are loaded, will be unloading them (model %s)", entry.error, model.name
-                )
+                self._say(logging.ERROR, f"{entry.error}. In case any models are loaded, will be unloading them "
+                                         f"(model {model.name})")  # fmt: skip
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
         now = time.time()
         available = {v for v, path in scan.versions.items() if self._ready_on_disk(model.name, v, path, now)}
@@ -253,11 +269,6 @@ class Reconciler:
         """Come back for a folder that is not ready yet, whether or not anything watches the disk."""
         if self._wake is None or self._wake.cancelled() or self._wake.when() < asyncio.get_running_loop().time():
             self._wake = asyncio.get_running_loop().call_later(delay, self.trigger)
-
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            log.warning("%s", message)
 
     def _held(self, model: ModelConfig, version: int, scan: versions.VersionScan) -> bool:
         """A failed version is retried when its files or config change, otherwise with backoff."""

@@ -17,7 +17,7 @@ import watchfiles
 
 log = logging.getLogger("hotserve.watcher")
 
-STEP_MS = 50  # an event burst ends after this much quiet...
+STEP_MS = 20  # an event burst ends after this much quiet...
 DEBOUNCE_MS = 400  # ...or after this long at most
 
 
