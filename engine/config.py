@@ -1,16 +1,17 @@
 """models.json → frozen dataclasses. Schema errors and semantic errors carry file, JSON pointer and model name.
 
-File-level problems (unreadable, not JSON, schema) raise ConfigInvalid: nothing may be applied. Problems inside one
-entry (shape syntax, `..` escapes, CACHE_DIR, duplicates…) go to `model_errors` / `loader_errors`: that entry is left
-out and the rest of the file applies.
+File-level problems (unreadable, not JSON, duplicate keys, schema) raise ConfigInvalid: nothing may be applied.
+Problems inside one entry (shape syntax, `..` escapes, CACHE_DIR, duplicate names…) go to `model_errors` /
+`loader_errors`: that entry is left out and the rest of the file applies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -22,6 +23,15 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "models.schem
 IGNORED_LISTS = ("pipeline_config_list", "mediapipe_config_list", "custom_node_library_config_list")
 
 AUTO: Literal["auto"] = "auto"
+ALLOW_CACHE_WITH_LOADER = (
+    "allow_cache is set to true with custom loader usage: a custom-loader model never uses the cache "
+    "(a compiled blob of the decrypted model would be written to disk)"
+)
+CACHE_DIR_FORBIDDEN = (
+    "CACHE_DIR is not allowed in plugin_config: the cache is the server's job; use --cache_dir "
+    "(a custom-loader model must never get a compiled blob on disk)"
+)
+BOTH_SHAPE_AND_BATCH = "Both shape and batch size have been defined. Batch size parameter will be ignored."
 
 # One dimension as the config wrote it, normalised: "1", "-1" (any) or "1:10" (range).
 Dims = tuple[str, ...]
@@ -34,11 +44,14 @@ class ConfigError:
     pointer: str  # JSON pointer, e.g. "/model_config_list/2/config/nireq" ("" for the whole document)
     message: str  # what was expected / what is wrong
     model: str | None = None  # the model's name when the error is inside a model entry
+    loader: str | None = None  # the loader's name when the error is inside a custom_loader_config_list entry
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.pointer or '/'}"
         if self.model is not None:
             where += f" (model {self.model!r})"
+        if self.loader is not None:
+            where += f" (loader {self.loader!r})"
         return f"{where}: {self.message}"
 
 
@@ -67,6 +80,7 @@ class VersionPolicy:
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any] | None) -> VersionPolicy:
+        """A schema-valid `model_version_policy` value (None or {} = latest 1)."""
         if not value:
             return cls()
         if "all" in value:
@@ -129,24 +143,30 @@ class Config:
 
 def _compiled_fields(m: ModelConfig) -> tuple[object, ...]:
     return (
-        m.base_path, m.target_device, _frozen(m.shape), m.batch_size, _frozen(m.layout), m.nireq,
+        m.base_path, m.target_device, _frozen(m.shape), _typed(m.batch_size), _frozen(m.layout), m.nireq,
         _frozen(m.plugin_config), m.allow_cache, _frozen(m.custom_loader_options),
     )  # fmt: skip
 
 
+def _typed(value: object) -> tuple[str, object]:
+    return type(value).__name__, value  # True == 1 == 1.0 in Python, but not to OpenVINO
+
+
 def _frozen(value: Mapping[Any, Any] | None) -> object:
-    return None if value is None else tuple(sorted(value.items(), key=lambda kv: str(kv[0])))
+    if value is None:
+        return None
+    return tuple(sorted(((str(k), k, _typed(v)) for k, v in value.items()), key=lambda kv: (kv[1] is None, kv[0])))
 
 
 # ---- parsing of the string forms (shared with the CLI's single-model flags) ----
 _DIM = r"(?:-1|\d+|\d+:\d+)"
 _SHAPE = re.compile(rf"^\(\s*{_DIM}(?:\s*,\s*{_DIM})*\s*\)$")
-_LAYOUT_SIDE = re.compile(r"^(?:\.\.\.)?[A-Z?]*(?:\.\.\.)?[A-Z?]*$")
+_LAYOUT_SIDE = re.compile(r"^[A-Z?]*(?:\.\.\.)?[A-Z?]*$")  # OpenVINO's Layout grammar: letters, ?, one "..."
 
 
 def parse_dims(text: str) -> Dims:
     """ "(1,3,-1,10:20)" → ("1", "3", "-1", "10:20"). ValueError with the reason otherwise."""
-    if not _SHAPE.match(text.strip()):
+    if not isinstance(text, str) or not _SHAPE.match(text.strip()):
         raise ValueError(f'invalid shape "{text}": expected "auto" or dims like "(1,3,224,224)", with -1 or a:b')
     dims = tuple(d.strip() for d in text.strip()[1:-1].split(","))
     for d in dims:
@@ -154,37 +174,75 @@ def parse_dims(text: str) -> Dims:
             lo, hi = (int(x) for x in d.split(":"))
             if lo > hi:
                 raise ValueError(f'invalid shape "{text}": range {d} has its minimum above its maximum')
-    return dims
+    return tuple(str(int(d)) if ":" not in d else ":".join(str(int(x)) for x in d.split(":")) for d in dims)
 
 
-def parse_shape(value: str | Mapping[str, str]) -> dict[str | None, ShapeValue]:
-    """A `shape` value → {input name or None (anonymous): dims or "auto"}."""
-    items: list[tuple[str | None, str]] = [(None, value)] if isinstance(value, str) else list(value.items())
+def _items(value: str | Mapping[str, Any], what: str) -> list[tuple[str | None, Any]]:
+    if isinstance(value, str):
+        return [(None, value)]
+    if not isinstance(value, Mapping):
+        raise ValueError(f"invalid {what} {value!r}: expected a string or an object of name to string")
+    for key in value:
+        if key is not None and (not isinstance(key, str) or not key):  # None: anonymous, from an already-parsed value
+            raise ValueError(f"invalid {what}: tensor names must be non-empty strings, got {key!r}")
+    return list(value.items())
+
+
+def parse_shape(value: str | Mapping[str, Any]) -> dict[str | None, ShapeValue]:
+    """A `shape` value → {input name or None (anonymous): dims or "auto"}. Already-parsed dims pass through."""
     out: dict[str | None, ShapeValue] = {}
-    for key, text in items:
-        out[key] = AUTO if text.strip().lower() == AUTO else parse_dims(text)
+    for key, text in _items(value, "shape"):
+        if isinstance(text, tuple) and all(isinstance(d, str) for d in text):
+            out[key] = parse_dims(f"({','.join(text)})")
+            continue
+        try:
+            out[key] = AUTO if isinstance(text, str) and text.strip().lower() == AUTO else parse_dims(text)
+        except ValueError as exc:
+            raise ValueError(f"input {key}: {exc}" if key is not None else str(exc)) from None
     return out
+
+
+def _layout(text: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f'invalid layout "{text}": expected a string such as "NCHW" or "NHWC:NCHW"')
+    layout = text.strip().upper()
+    sides = layout.split(":")
+    if len(sides) > 2 or not all(sides) or not all(_LAYOUT_SIDE.match(side) for side in sides):
+        raise ValueError(
+            f'invalid layout "{text}": expected letters and "?" such as "NCHW" or "NHWC:NCHW" '
+            '(<request>:<model>), with at most one "..." per side'
+        )
+    for side in sides:
+        letters = [c for c in side if c.isalpha()]
+        if len(letters) != len(set(letters)):
+            raise ValueError(f'invalid layout "{text}": a dimension letter appears twice in {side}')
+    if len(sides) == 2 and "..." not in layout and len(sides[0]) != len(sides[1]):
+        raise ValueError(f'invalid layout "{text}": both sides need the same number of dimensions')
+    return layout
 
 
 def parse_layout(value: str | Mapping[str, str]) -> dict[str | None, str]:
     """A `layout` value → {tensor name or None: "NHWC:NCHW" upper-cased}."""
-    items: list[tuple[str | None, str]] = [(None, value)] if isinstance(value, str) else list(value.items())
     out: dict[str | None, str] = {}
-    for key, text in items:
-        layout = text.strip().upper()
-        sides = layout.split(":")
-        if len(sides) > 2 or not all(sides) or not all(_LAYOUT_SIDE.match(side) for side in sides):
-            raise ValueError(f'invalid layout "{text}": expected letters such as "NCHW" or "NHWC:NCHW" ("..." allowed)')
-        if len(sides) == 2 and "..." not in layout and len(sides[0]) != len(sides[1]):
-            raise ValueError(f'invalid layout "{text}": both sides need the same number of dimensions')
-        out[key] = layout
+    for key, text in _items(value, "layout"):
+        try:
+            out[key] = _layout(text)
+        except ValueError as exc:
+            raise ValueError(f"tensor {key}: {exc}" if key is not None else str(exc)) from None
     return out
 
 
 def parse_batch_size(value: int | str) -> int | str:
+    """An int (fixed), "auto", "-1" (any) or "a:b" (range); "N" strings become ints."""
+    if isinstance(value, bool):
+        raise ValueError(f'invalid batch_size {value!r}: expected an integer, "auto", "-1" or "a:b"')
     if isinstance(value, int):
+        if value == -1:
+            return "-1"
+        if value < 0:
+            raise ValueError(f'invalid batch_size {value}: expected an integer >= 0, "auto", "-1" or "a:b"')
         return value
-    text = value.strip().lower()
+    text = str(value).strip().lower()
     if text == AUTO or text == "-1":
         return text
     if re.fullmatch(r"\d+", text):
@@ -192,7 +250,8 @@ def parse_batch_size(value: int | str) -> int | str:
     if re.fullmatch(r"\d+:\d+", text):
         lo, hi = (int(x) for x in text.split(":"))
         if lo <= hi:
-            return text
+            return f"{lo}:{hi}"
+        raise ValueError(f'invalid batch_size "{value}": the range has its minimum above its maximum')
     raise ValueError(f'invalid batch_size "{value}": expected an integer, "auto", "-1" or "a:b"')
 
 
@@ -213,125 +272,208 @@ def _pairs(pairs: list[tuple[str, Any]]) -> _Obj:
     return obj
 
 
-def _duplicate_errors(node: Any, pointer: str, file: str) -> list[ConfigError]:
-    errors = []
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")  # Python accepts NaN/Infinity; OVMS (and JSON) do not
+
+
+def _escape(key: object) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _pointer(path: list[Any]) -> str:
+    return "".join(f"/{_escape(p)}" for p in path)
+
+
+def _owner(doc: Any, path: list[Any]) -> dict[str, str | None]:
+    """model=/loader= of the entry a document path points into, when its name can be read."""
+    if len(path) >= 2 and path[0] in ("model_config_list", "custom_loader_config_list") and isinstance(path[1], int):
+        try:
+            entry = doc[path[0]][path[1]]["config"]
+            name = entry.get("name" if path[0] == "model_config_list" else "loader_name")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return {}
+        if isinstance(name, str) and name:
+            return {"model": name} if path[0] == "model_config_list" else {"loader": name}
+    return {}
+
+
+def _duplicate_errors(doc: Any, node: Any, path: list[Any], file: str) -> Iterator[ConfigError]:
     if isinstance(node, _Obj):
-        errors += [ConfigError(file, pointer, f"duplicate key {k!r}") for k in node.duplicates]
+        for key in dict.fromkeys(node.duplicates):
+            yield ConfigError(
+                file,
+                _pointer([*path, key]),
+                f"duplicate key {key!r}: each key may appear only once in an object (the last one would silently win)",
+                **_owner(doc, path),
+            )
         for key, value in node.items():
-            errors += _duplicate_errors(value, f"{pointer}/{_escape(key)}", file)
+            yield from _duplicate_errors(doc, value, [*path, key], file)
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            errors += _duplicate_errors(value, f"{pointer}/{i}", file)
-    return errors
-
-
-def _escape(key: str) -> str:
-    return key.replace("~", "~0").replace("/", "~1")
+            yield from _duplicate_errors(doc, value, [*path, i], file)
 
 
 @cache
-def _validator() -> jsonschema.protocols.Validator:
-    schema = json.loads(SCHEMA_PATH.read_text())
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@cache
+def _validator(definition: str | None = None) -> jsonschema.protocols.Validator:
+    schema = _schema()
+    if definition is not None:  # one $defs entry on its own, e.g. for the CLI's --model_version_policy
+        schema = {"$ref": f"#/$defs/{definition}", "$defs": schema["$defs"]}
     return jsonschema.Draft202012Validator(schema)
 
 
-def _entry_name(doc: Any, path: list[Any]) -> str | None:
-    """The model (or loader) name of the entry a schema error points into, when it can be read."""
-    if len(path) >= 2 and path[0] in ("model_config_list", "custom_loader_config_list") and isinstance(path[1], int):
-        try:
-            config = doc[path[0]][path[1]]["config"]
-            name = config.get("name" if path[0] == "model_config_list" else "loader_name")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return None
-        return name if isinstance(name, str) else None
-    return None
+def _short(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else f"{text[:100]}…"
 
 
-def _schema_errors(doc: Any, file: str) -> list[ConfigError]:
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    expected = schema.get("description")
+    if error.validator in ("oneOf", "anyOf"):
+        message = f"{_short(error.instance)} is not valid here"
+    else:
+        message = error.message.replace(repr(error.instance), _short(error.instance))  # JSON, not Python, spelling
+    return f"{message}; expected {expected}" if expected else message
+
+
+def _schema_errors(doc: Any, file: str, validator: jsonschema.protocols.Validator | None = None) -> list[ConfigError]:
     errors = []
-    for error in sorted(_validator().iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
+    for error in (validator or _validator()).iter_errors(doc):
         path = list(error.absolute_path)
-        pointer = "".join(f"/{_escape(str(p))}" for p in path)
-        expected = error.schema.get("description") if isinstance(error.schema, dict) else None
-        message = error.message
-        if expected and error.validator in ("oneOf", "type", "maxProperties", "minProperties", "required"):
-            message += f" (expected {expected})"
-        errors.append(ConfigError(file, pointer, message, _entry_name(doc, path)))
-    return errors
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        if error.validator == "additionalProperties" and error.validator_value is False:
+            allowed = ", ".join(schema.get("properties", {}))  # one error per unknown key, pointing at it
+            for key in (k for k in error.instance if k not in schema.get("properties", {})):
+                message = f"unknown key {key!r}; expected only: {allowed}"
+                errors.append(ConfigError(file, _pointer([*path, key]), message, **_owner(doc, path)))
+            continue
+        errors.append(ConfigError(file, _pointer(path), _schema_message(error), **_owner(doc, path)))
+    return sorted(errors, key=lambda e: _sort_key(e.pointer))
+
+
+def _sort_key(pointer: str) -> list[tuple[int, int | str]]:
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in pointer.split("/")[1:]]
 
 
 def read(path: Path | str) -> tuple[Any, str]:
-    """Parse and schema-check the file; returns (document, sha256). Raises ConfigInvalid."""
-    path = Path(path)
+    """Parse and schema-check the file; returns (document, sha256). Raises ConfigInvalid listing every error."""
     file = str(path)
     try:
-        raw = path.read_bytes()
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigInvalid([ConfigError(file, "", f"Config file not found or cannot open: {exc.strerror}")]) from None
+        reason = exc.strerror or str(exc)
+        raise ConfigInvalid([ConfigError(file, "", f"Config file not found or cannot open: {reason}")]) from None
     digest = hashlib.sha256(raw).hexdigest()
     try:
-        doc = json.loads(raw, object_pairs_hook=_pairs)
+        doc = json.loads(raw, object_pairs_hook=_pairs, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
-        raise ConfigInvalid(
-            [ConfigError(file, "", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]
-        ) from None
+        message = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise ConfigInvalid([ConfigError(file, "", message)]) from None
     except UnicodeDecodeError as exc:
         raise ConfigInvalid([ConfigError(file, "", f"not valid UTF-8 JSON: {exc.reason}")]) from None
-    errors = _duplicate_errors(doc, "", file) + _schema_errors(doc, file)
+    except ValueError as exc:
+        raise ConfigInvalid([ConfigError(file, "", f"not valid JSON: {exc}")]) from None
+    errors = [*_duplicate_errors(doc, doc, [], file), *_schema_errors(doc, file)]
     if errors:
         raise ConfigInvalid(errors)
     return doc, digest
 
 
-def _local_path(text: str, root: Path, what: str) -> Path:
-    if re.match(r"^[a-z][a-z0-9+.-]*://", text):
-        raise ValueError(f"{what} {text}: remote storage is not supported; mount it and use a local path")
-    if ".." in Path(text).parts:
-        raise ValueError(f"Path {text} escape with .. is forbidden")
+# ---- semantic checks and normalisation ----
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _local_path(text: str, root: Path, forbid_escape: bool = True) -> Path:
+    """A local path from the config, relative to `root`. ValueError for URLs and (OVMS) `..` escapes."""
+    if _SCHEME.match(text):
+        raise ValueError(f"{text}: remote storage is not supported (s3://, gs://, azure://…); mount it locally")
+    if forbid_escape and ".." in Path(text).parts:
+        raise ValueError(f"Path {text} escape with .. is forbidden.")
     path = Path(text)
     return path if path.is_absolute() else root / path
 
 
-def _model(raw: Mapping[str, Any], root: Path, warnings: list[str]) -> ModelConfig:
-    """One schema-valid model entry → ModelConfig. ValueError (with the field name) for semantic problems."""
+class _Entry:
+    """Collects the semantic errors of one entry, each pointing at its field."""
+
+    def __init__(self, file: str, pointer: str, **owner: str) -> None:
+        self.file, self.pointer, self.owner = file, pointer, owner
+        self.errors: list[ConfigError] = []
+
+    def error(self, key: str | list[object], message: str) -> None:
+        path = [key] if isinstance(key, str) else key
+        self.errors.append(ConfigError(self.file, self.pointer + _pointer(path), message, **self.owner))  # type: ignore[arg-type]
+
+    def parse(self, key: str, raw: Mapping[str, Any], parser: Any) -> Any:
+        """parser(raw[key]), or None with an error when it raises ValueError."""
+        if key not in raw:
+            return None
+        try:
+            return parser(raw[key])
+        except ValueError as exc:
+            self.error(key, str(exc))
+            return None
+
+
+def _shape_entries(entry: _Entry, value: Any) -> dict[str | None, ShapeValue] | None:
+    """Like parse_shape, but one error per bad input, each with its own pointer."""
+    if isinstance(value, str):
+        return entry.parse("shape", {"shape": value}, parse_shape)
+    out: dict[str | None, ShapeValue] = {}
+    for key, text in value.items():
+        try:
+            out.update(parse_shape({key: text}))
+        except ValueError as exc:
+            entry.error(["shape", key], str(exc))
+    return out or None
+
+
+def _layout_entries(entry: _Entry, value: Any) -> dict[str | None, str] | None:
+    if isinstance(value, str):
+        return entry.parse("layout", {"layout": value}, parse_layout)
+    out: dict[str | None, str] = {}
+    for key, text in value.items():
+        try:
+            out.update(parse_layout({key: text}))
+        except ValueError as exc:
+            entry.error(["layout", key], str(exc))
+    return out or None
+
+
+def _cache_dir_keys(plugin: Mapping[str, Any]) -> list[str]:
+    return [key for key in plugin if key.upper() == "CACHE_DIR"]
+
+
+def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str]) -> ModelConfig | None:
+    """One schema-valid model entry → ModelConfig, or None with the problems in entry.errors."""
     name = raw["name"]
-
-    def field_error(key: str, exc: ValueError) -> ValueError:
-        return ValueError(f"{key}: {exc}")
-
-    try:
-        base = _local_path(raw.get("base_path", "."), root, "base_path")
-    except ValueError as exc:
-        raise field_error("base_path", exc) from None
-    shape = layout = None
-    batch: int | str | None = None
-    try:
-        if "shape" in raw:
-            shape = parse_shape(raw["shape"])
-    except ValueError as exc:
-        raise field_error("shape", exc) from None
-    try:
-        if "layout" in raw:
-            layout = parse_layout(raw["layout"])
-    except ValueError as exc:
-        raise field_error("layout", exc) from None
-    try:
-        if "batch_size" in raw:
-            batch = parse_batch_size(raw["batch_size"])
-    except ValueError as exc:
-        raise field_error("batch_size", exc) from None
-    if shape is not None and batch is not None:
-        warnings.append(
-            f"model {name}: Both shape and batch size have been defined. Batch size parameter will be ignored."
-        )
+    base = entry.parse("base_path", {"base_path": raw.get("base_path", ".")}, lambda t: _local_path(t, root))
+    shape = _shape_entries(entry, raw["shape"]) if "shape" in raw else None
+    layout = _layout_entries(entry, raw["layout"]) if "layout" in raw else None
+    batch = entry.parse("batch_size", raw, parse_batch_size)
+    if "shape" in raw and "batch_size" in raw:
+        warnings.append(f"model {name}: {BOTH_SHAPE_AND_BATCH}")
         batch = None
     plugin = dict(raw.get("plugin_config", {}))
-    if any(k.upper() == "CACHE_DIR" for k in plugin):
-        raise ValueError("plugin_config: CACHE_DIR is not allowed: the cache is the server's job; use --cache_dir")
+    for key in _cache_dir_keys(plugin):
+        entry.error(["plugin_config", key], CACHE_DIR_FORBIDDEN)
     options = raw.get("custom_loader_options")
-    if options is not None and raw.get("allow_cache"):
-        raise ValueError("allow_cache: allow_cache is set to true with custom loader usage (a compiled blob of a "
-                         "decrypted model would be written to disk)")  # fmt: skip
+    if options is not None:
+        for key, value in options.items():
+            if not isinstance(value, str):
+                entry.error(
+                    ["custom_loader_options", key],
+                    f"custom loader option values must be strings, got {json.dumps(value)}",
+                )
+        if raw.get("allow_cache"):
+            entry.error("allow_cache", ALLOW_CACHE_WITH_LOADER)
+    if entry.errors:
+        return None
     return ModelConfig(
         name=name,
         base_path=base,
@@ -347,49 +489,60 @@ def _model(raw: Mapping[str, Any], root: Path, warnings: list[str]) -> ModelConf
     )
 
 
-def _pointer_of(message: str) -> str:
-    key = message.split(":", 1)[0]
-    return f"/{key}" if re.fullmatch(r"[a-z_]+", key) else ""
+def _loader(raw: Mapping[str, Any], root: Path, entry: _Entry) -> LoaderConfig | None:
+    library = entry.parse("library_path", raw, lambda t: _local_path(t, root))
+    config_file = entry.parse("loader_config_file", raw, lambda t: _local_path(t, root, forbid_escape=False))
+    return None if entry.errors else LoaderConfig(raw["loader_name"], library, config_file)
 
 
-def build(doc: Mapping[str, Any], path: Path, digest: str) -> Config:
+def build(doc: Mapping[str, Any], path: Path, digest: str, file: str | None = None) -> Config:
     """A schema-valid document → Config, with per-entry semantic errors set aside."""
-    file, root = str(path), path.parent
+    file, root = file or str(path), path.parent
     warnings = [f"{key} is not supported by hotserve and is ignored" for key in IGNORED_LISTS if key in doc]
     models: dict[str, ModelConfig] = {}
     model_errors: dict[str, list[ConfigError]] = {}
     first_at: dict[str, str] = {}
-    for i, entry in enumerate(doc["model_config_list"]):
-        raw, pointer = entry["config"], f"/model_config_list/{i}/config"
+    for i, item in enumerate(doc["model_config_list"]):
+        raw, pointer = item["config"], f"/model_config_list/{i}/config"
         name = raw["name"]
         if name in first_at:
-            message = f"Duplicated model names: {name} is already defined at {first_at[name]}"
-            model_errors.setdefault(name, []).append(ConfigError(file, pointer, message, name))
+            message = (
+                f"Duplicated model names: {name} is defined at {first_at[name]} and again at {pointer}. "
+                "Only the first definition is used."
+            )
+            model_errors.setdefault(name, []).append(ConfigError(file, pointer, message, model=name))
             continue
         first_at[name] = pointer
-        try:
-            models[name] = _model(raw, root, warnings)
-        except ValueError as exc:
-            model_errors.setdefault(name, []).append(ConfigError(file, pointer + _pointer_of(str(exc)), str(exc), name))
+        entry = _Entry(file, pointer, model=name)
+        model = _model(raw, root, entry, warnings)
+        if model is None:
+            model_errors.setdefault(name, []).extend(entry.errors)
+        else:
+            models[name] = model
     loaders: dict[str, LoaderConfig] = {}
     loader_errors: dict[str, list[ConfigError]] = {}
-    for i, entry in enumerate(doc.get("custom_loader_config_list", [])):
-        raw, pointer = entry["config"], f"/custom_loader_config_list/{i}/config"
+    loader_at: dict[str, str] = {}
+    for i, item in enumerate(doc.get("custom_loader_config_list", [])):
+        raw, pointer = item["config"], f"/custom_loader_config_list/{i}/config"
         name = raw["loader_name"]
-        if name in loaders:
-            loader_errors.setdefault(name, []).append(ConfigError(file, pointer, f"duplicate loader name {name}", name))
+        if name in loader_at:
+            message = (
+                f"Duplicated loader names: {name} is defined at {loader_at[name]} and again at {pointer}. "
+                "Only the first definition is used."
+            )
+            loader_errors.setdefault(name, []).append(ConfigError(file, pointer, message, loader=name))
             continue
-        try:
-            library = _local_path(raw["library_path"], root, "library_path")
-            config_file = raw.get("loader_config_file")
-            loaders[name] = LoaderConfig(name, library, _local_path(config_file, root, "loader_config_file")
-                                         if config_file else None)  # fmt: skip
-        except ValueError as exc:
-            loader_errors.setdefault(name, []).append(ConfigError(file, pointer, str(exc), name))
+        loader_at[name] = pointer
+        entry = _Entry(file, pointer, loader=name)
+        loader = _loader(raw, root, entry)
+        if loader is None:
+            loader_errors.setdefault(name, []).extend(entry.errors)
+        else:
+            loaders[name] = loader
     return Config(
         path=path,
         digest=digest,
-        models=tuple(m for n, m in models.items() if n not in model_errors),
+        models=tuple(models.values()),
         loaders=tuple(loaders.values()),
         model_errors={k: tuple(v) for k, v in model_errors.items()},
         loader_errors={k: tuple(v) for k, v in loader_errors.items()},
@@ -400,9 +553,8 @@ def build(doc: Mapping[str, Any], path: Path, digest: str) -> Config:
 
 def load(path: Path | str) -> Config:
     """Read, schema-validate and normalise `path`. Raises ConfigInvalid for file-level problems."""
-    path = Path(path).absolute()
     doc, digest = read(path)
-    return build(doc, path, digest)
+    return build(doc, Path(path).absolute(), digest, str(path))
 
 
 def validate_file(path: Path | str) -> list[ConfigError]:
@@ -413,19 +565,82 @@ def validate_file(path: Path | str) -> list[ConfigError]:
         return exc.errors
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def summary(config: Config) -> str:
-    loaders = len(config.loaders)
-    return (f"{config.path}: valid; {len(config.models)} model(s), {loaders} custom loader(s), "
-            f"{len(config.warnings)} warning(s)")  # fmt: skip
+    """One line, e.g. "models.json: 3 models, 1 custom loader, 0 warnings"."""
+    line = (
+        f"{config.path.name}: {_plural(len(config.models), 'model')}, "
+        f"{_plural(len(config.loaders), 'custom loader')}, {_plural(len(config.warnings), 'warning')}"
+    )
+    invalid = len(config.model_errors) + len(config.loader_errors)
+    return line + (f", {invalid} invalid {'entry' if invalid == 1 else 'entries'}" if invalid else "")
+
+
+_SINGLE_MODEL_FIELDS = frozenset(
+    {"batch_size", "shape", "layout", "nireq", "target_device", "plugin_config", "model_version_policy", "allow_cache"}
+)
+
+
+def _policy(value: object) -> VersionPolicy:
+    if value is None or isinstance(value, VersionPolicy):
+        return value or VersionPolicy()
+    problems = [e.message for e in _validator("version_policy").iter_errors(value)]
+    if problems:
+        raise ValueError(
+            f"invalid model_version_policy {_short(value)}: {problems[0]}; expected "
+            f"{_schema()['$defs']['version_policy']['description']}"
+        )
+    return VersionPolicy.from_json(value)  # type: ignore[arg-type]
 
 
 def single_model(name: str, model_path: Path | str, **overrides: object) -> Config:
-    """The Config of single-model mode (`--model_name` + `--model_path`)."""
-    policy = overrides.pop("model_version_policy", None)
+    """The Config of single-model mode (`--model_name` + `--model_path`). ValueError with a one-line reason."""
+    unknown = sorted(set(overrides) - _SINGLE_MODEL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown model parameter(s): {', '.join(unknown)}")
+    if not name:
+        raise ValueError("model_name must not be empty")
+    text = os.fspath(model_path)
+    if _SCHEME.match(text):
+        raise ValueError(f"model_path {text}: remote storage is not supported (s3://, gs://, azure://…)")
+    base = Path(os.path.normpath(Path(text).absolute()))  # the operator's own path: `..` is resolved, not refused
+    fields: dict[str, Any] = {}
+    warnings: list[str] = []
+    if overrides.get("shape") is not None:
+        fields["shape"] = parse_shape(overrides["shape"])  # type: ignore[arg-type]
+    if overrides.get("layout") is not None:
+        fields["layout"] = parse_layout(overrides["layout"])  # type: ignore[arg-type]
+    if overrides.get("batch_size") is not None:
+        batch = parse_batch_size(overrides["batch_size"])  # type: ignore[arg-type]
+        if "shape" in fields:
+            warnings.append(f"model {name}: {BOTH_SHAPE_AND_BATCH}")
+        else:
+            fields["batch_size"] = batch
+    if overrides.get("nireq") is not None:
+        nireq = overrides["nireq"]
+        if isinstance(nireq, bool) or not isinstance(nireq, int) or not 0 <= nireq <= 100000:
+            raise ValueError(f"invalid nireq {nireq!r}: expected an integer from 0 to 100000")
+        fields["nireq"] = nireq
+    if overrides.get("target_device") is not None:
+        if not isinstance(overrides["target_device"], str) or not overrides["target_device"]:
+            raise ValueError(f"invalid target_device {overrides['target_device']!r}: expected a device such as CPU")
+        fields["target_device"] = overrides["target_device"]
+    if overrides.get("plugin_config") is not None:
+        plugin = overrides["plugin_config"]
+        problems = [e.message for e in _validator("model_config").iter_errors({"name": name, "plugin_config": plugin})]
+        if problems:
+            raise ValueError(
+                f"invalid plugin_config: {problems[0]}; expected an object of string, number or boolean values"
+            )
+        if _cache_dir_keys(plugin):  # type: ignore[arg-type]
+            raise ValueError(CACHE_DIR_FORBIDDEN)
+        fields["plugin_config"] = dict(plugin)  # type: ignore[call-overload]
+    if overrides.get("allow_cache") is not None:
+        fields["allow_cache"] = bool(overrides["allow_cache"])
     model = ModelConfig(
-        name=name,
-        base_path=Path(model_path).absolute(),
-        version_policy=VersionPolicy.from_json(policy),  # type: ignore[arg-type]
-        **overrides,  # type: ignore[arg-type]
+        name=name, base_path=base, version_policy=_policy(overrides.get("model_version_policy")), **fields
     )
-    return Config(Path(model_path).absolute(), "", (model,), (), {}, {})
+    return Config(base, "", (model,), (), {}, {}, tuple(warnings))

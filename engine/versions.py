@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 MODEL_SUFFIXES = (".xml", ".onnx")
+MAX_VERSION = 2**63 - 1  # versions travel as int64 on the wire
+_NUMBER = re.compile(r"-?[0-9]+")  # the whole name, ASCII digits only: "1abc" and "٣" are not versions
 
 
 class ModelFilesError(ValueError):
@@ -18,7 +21,7 @@ class ModelFilesError(ValueError):
 class VersionScan:
     base_path: Path
     exists: bool
-    versions: dict[int, Path] = field(default_factory=dict)
+    versions: dict[int, Path] = field(default_factory=dict)  # version number → its folder (or the single model file)
     warnings: tuple[str, ...] = ()
 
 
@@ -33,42 +36,59 @@ class ModelFiles:
         return (self.model,) if self.weights is None else (self.model, self.weights)
 
 
-def scan(base_path: Path) -> VersionScan:
+def scan(base_path: Path | str) -> VersionScan:
     """Numeric sub-folders > 0 are versions; a single .xml/.onnx file is served as version 1."""
+    base_path = Path(base_path)
     if base_path.is_file():
         if base_path.suffix in MODEL_SUFFIXES:
             return VersionScan(base_path, True, {1: base_path})
-        return VersionScan(base_path, False, warnings=(f"Not a model file or folder: {base_path}",))
+        return VersionScan(base_path, False, warnings=(f"Not a model file (.xml or .onnx) nor a folder: {base_path}",))
     try:
-        entries = list(os.scandir(base_path))
+        entries = sorted(os.scandir(base_path), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return VersionScan(base_path, False)
-    except PermissionError as exc:
+    except OSError as exc:
         return VersionScan(base_path, False, warnings=(f"Cannot read {base_path}: {exc.strerror}",))
     found: dict[int, Path] = {}
     warnings = []
     for entry in entries:
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
+        if entry.name.startswith("."):
+            continue  # editors' and copy tools' temporaries, .git…
         try:
-            number = int(entry.name)
-        except ValueError:
+            if not entry.is_dir():  # follows symlinks: a linked version folder counts
+                continue
+        except OSError:
+            continue
+        if not _NUMBER.fullmatch(entry.name):
             warnings.append(f"Expected version directory name to be in number format. Got: {entry.name}")
             continue
-        if number <= 0 or not entry.name.isdigit():
+        number = int(entry.name)
+        if number <= 0:
             warnings.append(f"Expected version directory name to be a number greater than 0. Got: {entry.name}")
             continue
+        if number > MAX_VERSION:
+            warnings.append(f"Directory name is out of range for a version number. Got: {entry.name}")
+            continue
+        if number in found:  # "01" and "1": keep the plain spelling
+            keep = entry.name if entry.name == str(number) else found[number].name
+            warnings.append(
+                f"Version directories {found[number].name} and {entry.name} are both version {number}; using {keep}"
+            )
+            if keep != entry.name:
+                continue
         found[number] = Path(entry.path)
-    return VersionScan(base_path, True, found, tuple(sorted(warnings)))
+    return VersionScan(base_path, True, dict(sorted(found.items())), tuple(warnings))
 
 
-def model_files(version_dir: Path) -> ModelFiles:
+def model_files(version_dir: Path | str) -> ModelFiles:
     """The one IR (.xml with its .bin) or ONNX file of a version folder (or a single model file)."""
+    version_dir = Path(version_dir)
     if version_dir.is_file():
         candidates = [version_dir]
     else:
         try:
-            candidates = sorted(p for p in version_dir.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file())
+            listed = [p for p in version_dir.iterdir() if p.suffix in MODEL_SUFFIXES and not p.name.startswith(".")]
+            candidates = sorted(p for p in listed if p.is_file())
         except OSError as exc:
             raise ModelFilesError(f"Cannot read version folder {version_dir}: {exc.strerror}") from None
     if not candidates:
@@ -85,18 +105,18 @@ def model_files(version_dir: Path) -> ModelFiles:
     return ModelFiles("IR", model, weights)
 
 
-def quiet_since(path: Path) -> float:
+def quiet_since(path: Path | str) -> float:
     """The newest modification time (seconds) of a folder and everything in it: when it was last written."""
-    newest = 0.0
+    newest = 0
     try:
-        newest = path.stat().st_mtime
-        if path.is_dir():
+        newest = os.stat(path).st_mtime_ns
+        if os.path.isdir(path):
             for root, dirs, files in os.walk(path):
                 for name in dirs + files:
                     try:
-                        newest = max(newest, os.stat(os.path.join(root, name), follow_symlinks=False).st_mtime)
-                    except FileNotFoundError:
-                        continue
-    except FileNotFoundError:
+                        newest = max(newest, os.stat(os.path.join(root, name), follow_symlinks=False).st_mtime_ns)
+                    except OSError:
+                        continue  # deleted while walking
+    except OSError:
         pass
-    return newest
+    return newest / 1e9
