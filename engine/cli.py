@@ -92,6 +92,11 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
                 overrides[key] = json.loads(given[key])
     except (ValueError, json.JSONDecodeError) as exc:
         raise UsageError(f"{exc}") from None
+    if config_path is None:
+        try:  # bad single-model flags are usage errors, caught before anything starts
+            config.single_model(args.model_name, args.model_path, **overrides)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     return Settings(
         config_path=config_path.absolute() if config_path is not None else None,
         model_name=args.model_name,

@@ -322,6 +322,8 @@ def test_invalid_config_at_startup_exits_1(tmp_path: Path) -> None:
         ["--config_path", "x.json", "--grpc_workers", "0"],
         ["--config_path", "x.json", "--model_name", "m", "--model_path", "p"],
         ["--config_path", "x.json", "--no_such_flag"],
+        ["--model_name", "m", "--model_path", "p", "--shape", "(1,x)"],
+        ["--model_name", "m", "--model_path", "p", "--nireq", "100001"],
     ],
 )
 def test_bad_usage_exits_64(args: list[str]) -> None:
