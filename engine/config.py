@@ -7,22 +7,23 @@ Problems inside one entry (shape syntax, `..` escapes, CACHE_DIR, duplicate name
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import jsonschema
+from .schema import ConfigError, ConfigInvalid, pointer_of, read, schema_doc, short, validator
+from .shapes import AUTO, Dims, ShapeValue, parse_batch_size, parse_dims, parse_layout, parse_shape
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "models.schema.json"
+# Re-exported: callers use the config API from one module.
+__all__ = ["AUTO", "ConfigError", "ConfigInvalid", "Dims", "ShapeValue", "parse_batch_size", "parse_dims",
+           "parse_layout", "parse_shape", "read"]  # fmt: skip
+
 IGNORED_LISTS = ("pipeline_config_list", "mediapipe_config_list", "custom_node_library_config_list")
 
-AUTO: Literal["auto"] = "auto"
 ALLOW_CACHE_WITH_LOADER = (
     "allow_cache is set to true with custom loader usage: a custom-loader model never uses the cache "
     "(a compiled blob of the decrypted model would be written to disk)"
@@ -32,35 +33,6 @@ CACHE_DIR_FORBIDDEN = (
     "(a custom-loader model must never get a compiled blob on disk)"
 )
 BOTH_SHAPE_AND_BATCH = "Both shape and batch size have been defined. Batch size parameter will be ignored."
-
-# One dimension as the config wrote it, normalised: "1", "-1" (any) or "1:10" (range).
-Dims = tuple[str, ...]
-ShapeValue = Dims | Literal["auto"]
-
-
-@dataclass(frozen=True)
-class ConfigError:
-    file: str  # the config file's path as given
-    pointer: str  # JSON pointer, e.g. "/model_config_list/2/config/nireq" ("" for the whole document)
-    message: str  # what was expected / what is wrong
-    model: str | None = None  # the model's name when the error is inside a model entry
-    loader: str | None = None  # the loader's name when the error is inside a custom_loader_config_list entry
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.pointer or '/'}"
-        if self.model is not None:
-            where += f" (model {self.model!r})"
-        if self.loader is not None:
-            where += f" (loader {self.loader!r})"
-        return f"{where}: {self.message}"
-
-
-class ConfigInvalid(Exception):
-    """The file cannot be applied at all: unreadable, not JSON, or it fails the schema."""
-
-    def __init__(self, errors: list[ConfigError]) -> None:
-        super().__init__("\n".join(str(e) for e in errors))
-        self.errors = errors
 
 
 @dataclass(frozen=True)
@@ -158,232 +130,6 @@ def _frozen(value: Mapping[Any, Any] | None) -> object:
     return tuple(sorted(((str(k), k, _typed(v)) for k, v in value.items()), key=lambda kv: (kv[1] is None, kv[0])))
 
 
-# ---- parsing of the string forms (shared with the CLI's single-model flags) ----
-_DIM = r"(?:-1|\d+|\d+:\d+)"
-_SHAPE = re.compile(rf"^\(\s*{_DIM}(?:\s*,\s*{_DIM})*\s*\)$")
-_LAYOUT_SIDE = re.compile(r"^[A-Z?]*(?:\.\.\.)?[A-Z?]*$")  # OpenVINO's Layout grammar: letters, ?, one "..."
-
-
-def parse_dims(text: str) -> Dims:
-    """ "(1,3,-1,10:20)" → ("1", "3", "-1", "10:20"). ValueError with the reason otherwise."""
-    if not isinstance(text, str) or not _SHAPE.match(text.strip()):
-        raise ValueError(f'invalid shape "{text}": expected "auto" or dims like "(1,3,224,224)", with -1 or a:b')
-    dims = tuple(d.strip() for d in text.strip()[1:-1].split(","))
-    for d in dims:
-        if ":" in d:
-            lo, hi = (int(x) for x in d.split(":"))
-            if lo > hi:
-                raise ValueError(f'invalid shape "{text}": range {d} has its minimum above its maximum')
-    return tuple(str(int(d)) if ":" not in d else ":".join(str(int(x)) for x in d.split(":")) for d in dims)
-
-
-def _items(value: str | Mapping[str, Any], what: str) -> list[tuple[str | None, Any]]:
-    if isinstance(value, str):
-        return [(None, value)]
-    if not isinstance(value, Mapping):
-        raise ValueError(f"invalid {what} {value!r}: expected a string or an object of name to string")
-    for key in value:
-        if key is not None and (not isinstance(key, str) or not key):  # None: anonymous, from an already-parsed value
-            raise ValueError(f"invalid {what}: tensor names must be non-empty strings, got {key!r}")
-    return list(value.items())
-
-
-def parse_shape(value: str | Mapping[str, Any]) -> dict[str | None, ShapeValue]:
-    """A `shape` value → {input name or None (anonymous): dims or "auto"}. Already-parsed dims pass through."""
-    out: dict[str | None, ShapeValue] = {}
-    for key, text in _items(value, "shape"):
-        if isinstance(text, tuple) and all(isinstance(d, str) for d in text):
-            out[key] = parse_dims(f"({','.join(text)})")
-            continue
-        try:
-            out[key] = AUTO if isinstance(text, str) and text.strip().lower() == AUTO else parse_dims(text)
-        except ValueError as exc:
-            raise ValueError(f"input {key}: {exc}" if key is not None else str(exc)) from None
-    return out
-
-
-def _layout(text: str) -> str:
-    if not isinstance(text, str):
-        raise ValueError(f'invalid layout "{text}": expected a string such as "NCHW" or "NHWC:NCHW"')
-    layout = text.strip().upper()
-    sides = layout.split(":")
-    if len(sides) > 2 or not all(sides) or not all(_LAYOUT_SIDE.match(side) for side in sides):
-        raise ValueError(
-            f'invalid layout "{text}": expected letters and "?" such as "NCHW" or "NHWC:NCHW" '
-            '(<request>:<model>), with at most one "..." per side'
-        )
-    for side in sides:
-        letters = [c for c in side if c.isalpha()]
-        if len(letters) != len(set(letters)):
-            raise ValueError(f'invalid layout "{text}": a dimension letter appears twice in {side}')
-    if len(sides) == 2 and "..." not in layout and len(sides[0]) != len(sides[1]):
-        raise ValueError(f'invalid layout "{text}": both sides need the same number of dimensions')
-    return layout
-
-
-def parse_layout(value: str | Mapping[str, str]) -> dict[str | None, str]:
-    """A `layout` value → {tensor name or None: "NHWC:NCHW" upper-cased}."""
-    out: dict[str | None, str] = {}
-    for key, text in _items(value, "layout"):
-        try:
-            out[key] = _layout(text)
-        except ValueError as exc:
-            raise ValueError(f"tensor {key}: {exc}" if key is not None else str(exc)) from None
-    return out
-
-
-def parse_batch_size(value: int | str) -> int | str:
-    """An int (fixed), "auto", "-1" (any) or "a:b" (range); "N" strings become ints."""
-    if isinstance(value, bool):
-        raise ValueError(f'invalid batch_size {value!r}: expected an integer, "auto", "-1" or "a:b"')
-    if isinstance(value, int):
-        if value == -1:
-            return "-1"
-        if value < 0:
-            raise ValueError(f'invalid batch_size {value}: expected an integer >= 0, "auto", "-1" or "a:b"')
-        return value
-    text = str(value).strip().lower()
-    if text == AUTO or text == "-1":
-        return text
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    if re.fullmatch(r"\d+:\d+", text):
-        lo, hi = (int(x) for x in text.split(":"))
-        if lo <= hi:
-            return f"{lo}:{hi}"
-        raise ValueError(f'invalid batch_size "{value}": the range has its minimum above its maximum')
-    raise ValueError(f'invalid batch_size "{value}": expected an integer, "auto", "-1" or "a:b"')
-
-
-# ---- reading ----
-class _Obj(dict):  # type: ignore[type-arg]
-    """A JSON object that remembers keys that appeared more than once."""
-
-    duplicates: list[str]
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> _Obj:
-    obj = _Obj()
-    obj.duplicates = []
-    for key, value in pairs:
-        if key in obj:
-            obj.duplicates.append(key)
-        obj[key] = value
-    return obj
-
-
-def _no_constants(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")  # Python accepts NaN/Infinity; OVMS (and JSON) do not
-
-
-def _escape(key: object) -> str:
-    return str(key).replace("~", "~0").replace("/", "~1")
-
-
-def _pointer(path: list[Any]) -> str:
-    return "".join(f"/{_escape(p)}" for p in path)
-
-
-def _owner(doc: Any, path: list[Any]) -> dict[str, str | None]:
-    """model=/loader= of the entry a document path points into, when its name can be read."""
-    if len(path) >= 2 and path[0] in ("model_config_list", "custom_loader_config_list") and isinstance(path[1], int):
-        try:
-            entry = doc[path[0]][path[1]]["config"]
-            name = entry.get("name" if path[0] == "model_config_list" else "loader_name")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return {}
-        if isinstance(name, str) and name:
-            return {"model": name} if path[0] == "model_config_list" else {"loader": name}
-    return {}
-
-
-def _duplicate_errors(doc: Any, node: Any, path: list[Any], file: str) -> Iterator[ConfigError]:
-    if isinstance(node, _Obj):
-        for key in dict.fromkeys(node.duplicates):
-            yield ConfigError(
-                file,
-                _pointer([*path, key]),
-                f"duplicate key {key!r}: each key may appear only once in an object (the last one would silently win)",
-                **_owner(doc, path),
-            )
-        for key, value in node.items():
-            yield from _duplicate_errors(doc, value, [*path, key], file)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _duplicate_errors(doc, value, [*path, i], file)
-
-
-@cache
-def _schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-@cache
-def _validator(definition: str | None = None) -> jsonschema.protocols.Validator:
-    schema = _schema()
-    if definition is not None:  # one $defs entry on its own, e.g. for the CLI's --model_version_policy
-        schema = {"$ref": f"#/$defs/{definition}", "$defs": schema["$defs"]}
-    return jsonschema.Draft202012Validator(schema)
-
-
-def _short(value: object) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 120 else f"{text[:100]}…"
-
-
-def _schema_message(error: jsonschema.ValidationError) -> str:
-    schema = error.schema if isinstance(error.schema, dict) else {}
-    expected = schema.get("description")
-    if error.validator in ("oneOf", "anyOf"):
-        message = f"{_short(error.instance)} is not valid here"
-    else:
-        message = error.message.replace(repr(error.instance), _short(error.instance))  # JSON, not Python, spelling
-    return f"{message}; expected {expected}" if expected else message
-
-
-def _schema_errors(doc: Any, file: str, validator: jsonschema.protocols.Validator | None = None) -> list[ConfigError]:
-    errors = []
-    for error in (validator or _validator()).iter_errors(doc):
-        path = list(error.absolute_path)
-        schema = error.schema if isinstance(error.schema, dict) else {}
-        if error.validator == "additionalProperties" and error.validator_value is False:
-            allowed = ", ".join(schema.get("properties", {}))  # one error per unknown key, pointing at it
-            for key in (k for k in error.instance if k not in schema.get("properties", {})):
-                message = f"unknown key {key!r}; expected only: {allowed}"
-                errors.append(ConfigError(file, _pointer([*path, key]), message, **_owner(doc, path)))
-            continue
-        errors.append(ConfigError(file, _pointer(path), _schema_message(error), **_owner(doc, path)))
-    return sorted(errors, key=lambda e: _sort_key(e.pointer))
-
-
-def _sort_key(pointer: str) -> list[tuple[int, int | str]]:
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in pointer.split("/")[1:]]
-
-
-def read(path: Path | str) -> tuple[Any, str]:
-    """Parse and schema-check the file; returns (document, sha256). Raises ConfigInvalid listing every error."""
-    file = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigInvalid([ConfigError(file, "", f"Config file not found or cannot open: {reason}")]) from None
-    digest = hashlib.sha256(raw).hexdigest()
-    try:
-        doc = json.loads(raw, object_pairs_hook=_pairs, parse_constant=_no_constants)
-    except json.JSONDecodeError as exc:
-        message = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        raise ConfigInvalid([ConfigError(file, "", message)]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigInvalid([ConfigError(file, "", f"not valid UTF-8 JSON: {exc.reason}")]) from None
-    except ValueError as exc:
-        raise ConfigInvalid([ConfigError(file, "", f"not valid JSON: {exc}")]) from None
-    errors = [*_duplicate_errors(doc, doc, [], file), *_schema_errors(doc, file)]
-    if errors:
-        raise ConfigInvalid(errors)
-    return doc, digest
-
-
 # ---- semantic checks and normalisation ----
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -407,7 +153,7 @@ class _Entry:
 
     def error(self, key: str | list[object], message: str) -> None:
         path = [key] if isinstance(key, str) else key
-        self.errors.append(ConfigError(self.file, self.pointer + _pointer(path), message, **self.owner))  # type: ignore[arg-type]
+        self.errors.append(ConfigError(self.file, self.pointer + pointer_of(path), message, **self.owner))  # type: ignore[arg-type]
 
     def parse(self, key: str, raw: Mapping[str, Any], parser: Any) -> Any:
         """parser(raw[key]), or None with an error when it raises ValueError."""
@@ -587,11 +333,11 @@ _SINGLE_MODEL_FIELDS = frozenset(
 def _policy(value: object) -> VersionPolicy:
     if value is None or isinstance(value, VersionPolicy):
         return value or VersionPolicy()
-    problems = [e.message for e in _validator("version_policy").iter_errors(value)]
+    problems = [e.message for e in validator("version_policy").iter_errors(value)]
     if problems:
         raise ValueError(
-            f"invalid model_version_policy {_short(value)}: {problems[0]}; expected "
-            f"{_schema()['$defs']['version_policy']['description']}"
+            f"invalid model_version_policy {short(value)}: {problems[0]}; expected "
+            f"{schema_doc()['$defs']['version_policy']['description']}"
         )
     return VersionPolicy.from_json(value)  # type: ignore[arg-type]
 
@@ -630,7 +376,7 @@ def single_model(name: str, model_path: Path | str, **overrides: object) -> Conf
         fields["target_device"] = overrides["target_device"]
     if overrides.get("plugin_config") is not None:
         plugin = overrides["plugin_config"]
-        problems = [e.message for e in _validator("model_config").iter_errors({"name": name, "plugin_config": plugin})]
+        problems = [e.message for e in validator("model_config").iter_errors({"name": name, "plugin_config": plugin})]
         if problems:
             raise ValueError(
                 f"invalid plugin_config: {problems[0]}; expected an object of string, number or boolean values"
