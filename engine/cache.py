@@ -42,10 +42,10 @@ class CacheDecision:
 
 def decide(model: ModelConfig, cache: ModelCache | None) -> CacheDecision:
     """The one place that says whether a model's load may use the cache."""
-    if cache is None:
-        decision = CacheDecision(False, "no cache dir")
-    elif model.custom_loader_options is not None:
+    if model.custom_loader_options is not None:
         decision = CacheDecision(False, "custom loader: never cached")
+    elif cache is None:
+        decision = CacheDecision(False, "no cache dir")
     elif model.has_auto and not model.allow_cache:
         decision = CacheDecision(False, "auto shape/batch without allow_cache")
     elif model.has_auto:
