@@ -96,7 +96,12 @@ def test_add_model_leaves_others_untouched(env) -> None:  # type: ignore[no-unty
     write_config(env.config, model_entry("m1", env.models / "m1"), model_entry("m2", env.models / "m2"))
     wait_until(lambda: env.client.is_model_ready("m2"), what="m2 ready")
     assert value(env.client, "m2") == 10.0
-    assert "model: m1" not in env.server.log[mark:].replace("model: m2", "")
+    tail = env.server.log[mark:]
+    assert "model: m1" not in tail.replace("model: m2", "")
+    states_seen = [
+        line.split('"state": "')[1].split('"')[0] for line in tail.splitlines() if "of model m2 status" in line
+    ]
+    assert states_seen == ["START", "LOADING", "AVAILABLE"]  # OVMS's order for a clean load
 
 
 def test_remove_model_retires_and_reports_end(env) -> None:  # type: ignore[no-untyped-def]
