@@ -114,19 +114,27 @@ def startup_rows(root: Path, repeat: int, count: int = 20) -> dict[str, float]:
                                                         for i, b in enumerate(bases)]}))  # fmt: skip
     cache = root / "many-cache"
 
-    def ready(with_cache: bool) -> float:
+    def ready(with_cache: bool) -> tuple[float, float]:
+        """(process start → ready, first 'Loading model' → 'Server ready' on the server's clock)."""
         args = ["--config_path", str(config), "--port", "0"] + (["--cache_dir", str(cache)] if with_cache else [])
         t0 = time.perf_counter()
         server = ServerProcess(args, root / "many.log")
         server.wait_ready()
         elapsed = time.perf_counter() - t0
         server.stop()
-        return elapsed
+        first = re.search(STAMP + r".*Loading model: ", server.log)
+        done = re.search(STAMP + r".*Server ready", server.log)
+        assert first and done
+        return elapsed, _when(done.group(1)) - _when(first.group(1))
 
-    no_cache = median_of(lambda: ready(False), repeat)
+    cold = [ready(False) for _ in range(repeat)]
     ready(True)
-    warm = median_of(lambda: ready(True), repeat)
-    return {"models": count, "no_cache_s": no_cache, "warm_cache_s": warm, "warm_over_no_cache": warm / no_cache}
+    warm = [ready(True) for _ in range(repeat)]
+    no_cache, warm_s = statistics.median(c[0] for c in cold), statistics.median(w[0] for w in warm)
+    load_cold, load_warm = statistics.median(c[1] for c in cold), statistics.median(w[1] for w in warm)
+    return {"models": count, "no_cache_s": no_cache, "warm_cache_s": warm_s, "warm_over_no_cache": warm_s / no_cache,
+            "loading_no_cache_s": load_cold, "loading_warm_s": load_warm,
+            "loading_warm_over_no_cache": load_warm / load_cold}  # fmt: skip
 
 
 def encrypted_rows(root: Path, repeat: int) -> dict[str, float]:
@@ -169,7 +177,8 @@ def main() -> None:
     s = result["startup_20"]
     print(
         f"start-to-ready, {s['models']} models: no cache {s['no_cache_s']:.2f}s, warm {s['warm_cache_s']:.2f}s, "
-        f"ratio {s['warm_over_no_cache']:.2f}"
+        f"ratio {s['warm_over_no_cache']:.2f}; loading phase {s['loading_no_cache_s']:.3f}s -> "
+        f"{s['loading_warm_s']:.3f}s, ratio {s['loading_warm_over_no_cache']:.2f}"
     )
     e = result["encrypted"]
     print(
