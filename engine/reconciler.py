@@ -226,7 +226,12 @@ class Reconciler:
             available = {v for v in available if not loader.is_blacklisted(model.name, v, log_reason=True)}
         generation = self.loaders.generation(model)
         applied = self._applied.setdefault(model.name, {})
-        stale = {v for v, (cfg, gen) in applied.items() if cfg.needs_reload(model) or gen != generation}
+        stale = {
+            v
+            for v, (cfg, gen) in applied.items()
+            if (cfg.needs_reload(model) or gen != generation)
+            and not (v in scan.versions and self._held(model, v, scan))
+        }  # a reload that failed (the old compile keeps serving) is retried with the same backoff as a failed load
         changed, errors, failed = False, [], set()
         while True:
             current = {v: s.status for v, s in entry.slots.items()}
