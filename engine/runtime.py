@@ -181,16 +181,26 @@ class ServedVersion:
             self._idle = asyncio.Queue()
             for request in self._requests:
                 self._idle.put_nowait(request)
-        request = await self._idle.get()
+        idle = self._idle
+        request = await idle.get()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         try:
-            loop = asyncio.get_running_loop()
-            done = loop.create_future()
             request.set_callback(lambda fut: loop.call_soon_threadsafe(_finish, fut), done)
             request.start_async(dict(inputs), share_inputs=True)
-            await done
+        except BaseException:
+            idle.put_nowait(request)
+            raise
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:  # the client went away: the request is busy until OpenVINO is done with it
+            done.add_done_callback(lambda _: idle.put_nowait(request))
+            raise
+        try:
+            request.wait()  # returns at once; raises what the asynchronous inference raised
             return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.outputs))]
         finally:
-            self._idle.put_nowait(request)
+            idle.put_nowait(request)
 
     # Leases: the registry counts in-flight requests so a retiring version can wait for them.
     def acquire(self) -> None:

@@ -395,3 +395,19 @@ def test_busy_port_fails_clearly(serve, tmp_path: Path) -> None:  # type: ignore
     )
     assert result.returncode != 0
     assert "port" in result.stderr.lower()
+
+
+def test_cancelled_request_does_not_break_the_next_ones(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    modelgen.conv(tmp_path / "conv" / "1")
+    server = serve({"model_config_list": [model_entry("conv", tmp_path / "conv", nireq=1)]})
+    client = grpcclient.InferenceServerClient(server.address)
+    x = np.ones((1, 3, 224, 224), np.float32)
+    tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    expected = client.infer("conv", [tensor]).as_numpy("output")
+    for _ in range(3):  # the client gives up while its inference runs on the only infer request
+        with pytest.raises(InferenceServerException, match="Deadline Exceeded"):
+            client.infer("conv", [tensor], client_timeout=0.001)
+    for _ in range(3):
+        np.testing.assert_allclose(client.infer("conv", [tensor]).as_numpy("output"), expected, rtol=1e-5)
+    assert "busy" not in server.log.lower()
