@@ -18,6 +18,8 @@ from harness import ROOT, ServerProcess
 
 __all__ = ["ROOT", "ServerProcess", "model_entry"]
 
+pytest_plugins = ["loader_fixtures"]
+
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:
