@@ -10,18 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .cache import ModelCache
 from .reconciler import Reconciler
 from .registry import Registry
+from .status import State
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
     def __init__(self, registry: Registry, reconciler: Reconciler, cache: ModelCache | None) -> None:
+        self.registry = registry
         self.collectors = CollectorRegistry()
         self.requests = Counter(
             "hotserve_requests", "Inference requests", ["model", "version", "api"], registry=self.collectors
@@ -37,6 +39,14 @@ class Metrics:
         self.collectors.register(_StateCollector(registry, reconciler, cache))
 
     def observe(self, model: str, version: int | None, api: str, ok: bool, seconds: float) -> None:
+        """Count one inference request. Names and versions a client made up are labelled "": bounded series."""
+        entry = self.registry.models.get(model)
+        if entry is None:
+            model, version = "", None
+        elif not version:
+            version = entry.default_version()  # a failed request without a version: the one it would have got
+        elif version not in entry.slots:
+            version = None
         labels = (model, str(version) if version else "", api)
         self.requests.labels(*labels).inc()
         if not ok:
@@ -53,32 +63,39 @@ class _StateCollector(Collector):
         self.reconciler = reconciler
         self.cache = cache
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = GaugeMetricFamily(
-            "hotserve_version_state", "Version state (10 START … 50 END)", labels=["model", "version"]
-        )
-        load = GaugeMetricFamily(
-            "hotserve_version_load_seconds", "Time the last load took", labels=["model", "version"]
-        )
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        state = GaugeMetricFamily("hotserve_version_state", "Version state (10 START … 50 END)", labels=labels)
+        load = GaugeMetricFamily("hotserve_version_load_seconds", "Time the last load took", labels=labels)
         cached = GaugeMetricFamily(
             "hotserve_version_loaded_from_cache",
-            "1 when the version was imported from the cache",
-            labels=["model", "version"],
+            "1 when the version was imported from the cache; label cache says whether the cache is used, or why not",
+            labels=[*labels, "cache"],
         )
-        inflight = GaugeMetricFamily("hotserve_inflight_requests", "Requests being served", labels=["model", "version"])
+        inflight = GaugeMetricFamily("hotserve_inflight_requests", "Requests being served", labels=labels)
+        hits = misses = 0
         for name, model in sorted(self.registry.models.items()):
             for number, slot in sorted(model.slots.items()):
-                labels = [name, str(number)]
-                state.add_metric(labels, int(slot.status.state))
-                load.add_metric(labels, slot.status.load_seconds)
-                cached.add_metric(labels, 1.0 if slot.status.loaded_from_cache else 0.0)
-                inflight.add_metric(labels, slot.served.inflight if slot.served is not None else 0)
+                status, values = slot.status, [name, str(number)]
+                state.add_metric(values, int(status.state))
+                load.add_metric(values, status.load_seconds)
+                cached.add_metric([*values, status.cache], 1.0 if status.loaded_from_cache else 0.0)
+                inflight.add_metric(values, slot.served.inflight if slot.served is not None else 0)
+                if status.state == State.AVAILABLE and status.cache.startswith("enabled"):
+                    hits += status.loaded_from_cache
+                    misses += not status.loaded_from_cache
         yield from (state, load, cached, inflight)
-        yield GaugeMetricFamily("hotserve_reloads", "Reconciles run since start", value=self.reconciler.runs)
-        yield GaugeMetricFamily(
+        yield CounterMetricFamily("hotserve_reloads", "Reconciles run since start", value=self.reconciler.runs)
+        yield CounterMetricFamily(
             "hotserve_reload_failures", "Reconciles that ended with errors", value=self.reconciler.failed_runs
         )
         if self.cache is not None:
             size, count = self.cache.stats()
+            yield GaugeMetricFamily(
+                "hotserve_cache_hits", "AVAILABLE versions whose compile was imported from the cache", value=hits
+            )
+            yield GaugeMetricFamily(
+                "hotserve_cache_misses", "AVAILABLE versions compiled afresh with the cache enabled", value=misses
+            )
             yield GaugeMetricFamily("hotserve_cache_bytes", "Bytes of compiled blobs in the cache dir", value=size)
             yield GaugeMetricFamily("hotserve_cache_blobs", "Compiled blobs in the cache dir", value=count)

@@ -142,6 +142,7 @@ class Server:
         services = [kserve.register(self.grpc, self.plane), *tfs.register(self.grpc, self.plane)]
         services.append(self.health.register(self.grpc))
         enable_reflection(self.grpc, services)
+        await self.health.start()  # "" NOT_SERVING before the first RPC can ask
         address = f"{self.settings.grpc_bind_address}:{self.settings.port}"
         try:
             self.port = self.grpc.add_insecure_port(address)
@@ -169,7 +170,6 @@ class Server:
             "OK" if result.ok else f"with {len(result.errors)} error(s)",
         )
         await self.health.sync()
-        self.health.start()
         self.watcher.start()
 
     async def run(self) -> int:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import grpc
 
 EX_UNAVAILABLE = 69
+WATCH_SECONDS = 1.0
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def fetch(address: str, model: str | None, timeout: float = 5.0) -> list[tuple[str, str, str, str, str]]:
@@ -52,22 +54,27 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--model", help="only this model")
     parser.add_argument("--watch", action="store_true", help="redraw when something changes (Ctrl-C to stop)")
     args = parser.parse_args(argv)
+    try:
+        return _show(args.address, args.model, args.watch)
+    except KeyboardInterrupt:  # Ctrl-C ends --watch (or a slow first fetch) quietly
+        return 0
+
+
+def _show(address: str, model: str | None, watch: bool) -> int:
     shown = None
     while True:
         try:
-            rows = fetch(args.address, args.model)
+            rows = fetch(address, model)
         except grpc.RpcError as exc:
-            print(f"hotserve status: cannot reach {args.address}: {exc.code().name}", file=sys.stderr)
+            why = "cannot reach" if exc.code() in UNREACHABLE else "error from"
+            print(f"hotserve status: {why} {address}: {exc.code().name}", file=sys.stderr)
             return EX_UNAVAILABLE
-        text = render(rows) if rows else f"no models{f' named {args.model}' if args.model else ''}"
+        text = render(rows) if rows else f"no models{f' named {model}' if model else ''}"
         if text != shown:
-            if args.watch and shown is not None:
-                print("\033[2J\033[H", end="")
+            if watch and shown is not None:
+                print("\033[2J\033[H", end="")  # clear the screen, cursor home
             print(text, flush=True)
             shown = text
-        if not args.watch:
-            return 0 if rows or args.model is None else 1
-        try:
-            time.sleep(1.0)
-        except KeyboardInterrupt:
-            return 0
+        if not watch:
+            return 0 if rows or model is None else 1
+        time.sleep(WATCH_SECONDS)

@@ -1,4 +1,4 @@
-"""REST (--rest_port): OVMS's /v1/config endpoints, KServe v2 REST, and /metrics (issue 6)."""
+"""REST (--rest_port): OVMS's /v1/config endpoints and KServe v2 REST (issue 6); /metrics is in test_metrics.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from pathlib import Path
 import modelgen
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from conftest import model_entry
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -48,9 +46,13 @@ def write(path: Path, *entries: dict) -> None:
 @pytest.fixture
 def env(tmp_path: Path, serve):  # type: ignore[no-untyped-def]
     modelgen.add_const(tmp_path / "dummy" / "1", delta=1.0)
+    modelgen.add_const(tmp_path / "dummy" / "2", delta=2.0)
     modelgen.add_const(tmp_path / "extra" / "1", delta=4.0)
+    broken = tmp_path / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"not onnx")
     config = tmp_path / "models.json"
-    write(config, model_entry("dummy", tmp_path / "dummy"))
+    write(config, model_entry("dummy", tmp_path / "dummy", model_version_policy={"all": {}}))
     port = free_port()
     server = serve(config, "--rest_port", str(port), "--file_system_poll_wait_seconds", "0")
     return server, f"http://127.0.0.1:{port}", config, tmp_path
@@ -58,72 +60,101 @@ def env(tmp_path: Path, serve):  # type: ignore[no-untyped-def]
 
 def test_v1_config_and_reload_codes(env) -> None:  # type: ignore[no-untyped-def]
     _, base, config, tmp_path = env
+    ok = {"error_code": "OK", "error_message": "OK"}
     status, body = http("GET", f"{base}/v1/config")
     assert status == 200
     assert body["dummy"] == {
         "model_version_status": [
-            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": "OK"}}
+            {"version": "1", "state": "AVAILABLE", "status": ok},
+            {"version": "2", "state": "AVAILABLE", "status": ok},
         ]
     }
-    assert body["_last_reload"]["ok"] is True
+    assert body["_last_reload"] == {"ok": True, "changed": True, "config_valid": True, "errors": []}
     status, body = http("POST", f"{base}/v1/config/reload")
-    assert status == 200  # nothing changed
+    assert status == 200 and body["_last_reload"]["changed"] is False  # nothing changed
     write(config, model_entry("dummy", tmp_path / "dummy"), model_entry("extra", tmp_path / "extra"))
     status, body = http("POST", f"{base}/v1/config/reload")
-    assert status == 201 and body["extra"]["model_version_status"][0]["state"] == "AVAILABLE"
+    assert status == 201
+    assert body["extra"]["model_version_status"] == [{"version": "1", "state": "AVAILABLE", "status": ok}]
+    states = [v["state"] for v in body["dummy"]["model_version_status"]]
+    assert states[0] in ("UNLOADING", "END") and states[1] == "AVAILABLE"  # latest policy retires version 1
+    write(config, model_entry("extra", tmp_path / "extra"), model_entry("broken", tmp_path / "broken"))
+    status, body = http("POST", f"{base}/v1/config/reload")
+    assert status == 201  # applied; the failed load is in the statuses and in the result
+    broken = body["broken"]["model_version_status"][0]
+    assert broken["state"] == "LOADING" and broken["status"]["error_code"] == "UNKNOWN"
+    assert body["_last_reload"]["ok"] is False and any("broken" in e for e in body["_last_reload"]["errors"])
     config.write_text("{ not json")
     status, body = http("POST", f"{base}/v1/config/reload")
-    assert status == 412 and "Reloading config file failed" in body["error"]
+    assert status == 412 and body["error"].startswith("Reloading config file failed.")
+    assert str(config) in body["error"]  # the error names the file
     status, body = http("GET", f"{base}/v1/config")
     assert body["extra"]["model_version_status"][0]["state"] == "AVAILABLE"  # nothing applied
-    assert body["_last_reload"]["config_valid"] is False
+    assert body["_last_reload"]["config_valid"] is False and body["_last_reload"]["errors"]
 
 
-def test_v2_health_metadata_ready_and_infer(env) -> None:  # type: ignore[no-untyped-def]
+def test_v2_server_health_and_model_metadata(env) -> None:  # type: ignore[no-untyped-def]
     _, base, _, _ = env
+    status, server = http("GET", f"{base}/v2")
+    assert status == 200 and server["name"] == "hotserve" and server["version"]
     assert http("GET", f"{base}/v2/health/live") == (200, {"live": True})
     assert http("GET", f"{base}/v2/health/ready") == (200, {"ready": True})
     status, meta = http("GET", f"{base}/v2/models/dummy")
-    assert status == 200 and meta["inputs"] == [{"name": "b", "datatype": "FP32", "shape": [1, 10]}]
-    assert http("GET", f"{base}/v2/models/dummy/versions/1")[0] == 200
+    assert status == 200
+    assert meta == {
+        "name": "dummy",
+        "versions": ["1", "2"],
+        "platform": "OpenVINO",
+        "inputs": [{"name": "b", "datatype": "FP32", "shape": [1, 10]}],
+        "outputs": [{"name": "a", "datatype": "FP32", "shape": [1, 10]}],
+    }
+    assert http("GET", f"{base}/v2/models/dummy/versions/1")[1]["name"] == "dummy"
+    status, err = http("GET", f"{base}/v2/models/dummy/versions/3")
+    assert status == 404 and err == {"error": "Model with requested version is not found"}
+    status, err = http("GET", f"{base}/v2/models/nope")
+    assert status == 404 and err == {"error": "Model with requested name is not found"}
+    status, err = http("GET", f"{base}/v2/models/dummy/versions/x")
+    assert status == 400 and err == {"error": "invalid model version format in request"}
     assert http("GET", f"{base}/v2/models/dummy/ready") == (200, {"name": "dummy", "ready": True})
+    assert http("GET", f"{base}/v2/models/dummy/versions/1/ready") == (200, {"name": "dummy", "ready": True})
+    assert http("GET", f"{base}/v2/models/dummy/versions/3/ready")[0] == 404
     assert http("GET", f"{base}/v2/models/nope/ready")[0] == 404
-    request = {"id": "r1", "inputs": [{"name": "b", "shape": [1, 10], "datatype": "FP32", "data": list(range(10))}]}
-    status, result = http("POST", f"{base}/v2/models/dummy/infer", request)
+
+
+def test_v2_infer(env) -> None:  # type: ignore[no-untyped-def]
+    _, base, _, _ = env
+    tensor = {"name": "b", "shape": [1, 10], "datatype": "FP32", "data": list(range(10))}
+    status, result = http("POST", f"{base}/v2/models/dummy/infer", {"id": "r1", "inputs": [tensor]})
     assert status == 200, result
-    assert result["id"] == "r1" and result["model_version"] == "1"
+    assert result["model_name"] == "dummy" and result["id"] == "r1" and result["model_version"] == "2"
+    assert result["outputs"][0]["name"] == "a" and result["outputs"][0]["shape"] == [1, 10]
+    np.testing.assert_allclose(result["outputs"][0]["data"], np.arange(10) + 2)
+    nested = {**tensor, "data": [list(range(10))]}  # row-major nested lists are accepted too
+    status, result = http("POST", f"{base}/v2/models/dummy/versions/1/infer", {"inputs": [nested]})
+    assert status == 200 and result["model_version"] == "1" and "id" not in result
     np.testing.assert_allclose(result["outputs"][0]["data"], np.arange(10) + 1)
+    status, result = http("POST", f"{base}/v2/models/dummy/infer", {"inputs": [tensor], "outputs": [{"name": "a"}]})
+    assert status == 200 and [o["name"] for o in result["outputs"]] == ["a"]
+    status, err = http("POST", f"{base}/v2/models/dummy/infer", {"inputs": [tensor], "outputs": [{"name": "zz"}]})
+    assert status == 400 and err["error"] == "Missing output with specific name - Required output: zz"
     bad = {"inputs": [{"name": "b", "shape": [1, 5], "datatype": "FP32", "data": [0] * 5}]}
     status, err = http("POST", f"{base}/v2/models/dummy/infer", bad)
-    assert status == 400 and "Invalid input shape" in err["error"]
+    assert status == 400
+    assert err["error"] == "Invalid input shape - Expected: (1,10); Actual: (1,5); input name: b"
+    status, err = http("POST", f"{base}/v2/models/dummy/infer", {"inputs": [{**tensor, "data": [0] * 9}]})
+    assert status == 400 and err["error"].startswith("Invalid number of values in tensor proto container")
+    status, err = http("POST", f"{base}/v2/models/dummy/infer", {"inputs": [{**tensor, "datatype": "FP8"}]})
+    assert status == 400 and err["error"].startswith("Invalid input precision")
+    assert http("POST", f"{base}/v2/models/nope/infer", {"inputs": [tensor]})[0] == 404
     assert http("POST", f"{base}/v2/models/dummy/infer", {"inputs": "x"})[0] == 400
+    assert http("POST", f"{base}/v2/models/dummy/infer", {"no": "inputs"})[0] == 400
+    request = urllib.request.Request(f"{base}/v2/models/dummy/infer", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400
 
 
-def test_metrics_after_traffic(env) -> None:  # type: ignore[no-untyped-def]
-    server, base, _, _ = env
-    client = grpcclient.InferenceServerClient(server.address)
-    tensor = grpcclient.InferInput("b", [1, 10], "FP32")
-    tensor.set_data_from_numpy(np.zeros((1, 10), np.float32))
-    for _ in range(3):
-        client.infer("dummy", [tensor])
-    bad = grpcclient.InferInput("b", [1, 3], "FP32")
-    bad.set_data_from_numpy(np.zeros((1, 3), np.float32))
-    with pytest.raises(Exception, match="Invalid input shape"):
-        client.infer("dummy", [bad])
-    status, text = http("GET", f"{base}/metrics")
-    assert status == 200
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    requests = {
-        (s.labels["model"], s.labels["version"], s.labels["api"]): s.value
-        for s in families["hotserve_requests"].samples
-        if s.name.endswith("_total")
-    }
-    assert requests[("dummy", "1", "kserve")] == 3, requests
-    failures = [s for s in families["hotserve_request_failures"].samples if s.name.endswith("_total")]
-    assert sum(s.value for s in failures) == 1
-    state = {s.labels["model"]: s.value for s in families["hotserve_version_state"].samples}
-    assert state["dummy"] == 30
-    assert any(s.value > 0 for s in families["hotserve_version_load_seconds"].samples)
-    assert families["hotserve_reloads"].samples[0].value >= 1
-    assert "hotserve_request_duration_seconds" in families
-    assert "hotserve_inflight_requests" in families
+def test_rest_is_off_by_default(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    modelgen.add_const(tmp_path / "m" / "1")
+    server = serve({"model_config_list": [model_entry("m", tmp_path / "m")]})
+    assert "Started gRPC server" in server.log and "REST" not in server.log

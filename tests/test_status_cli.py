@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import modelgen
@@ -46,14 +48,33 @@ def test_watch_redraws_on_change(tmp_path: Path, serve) -> None:  # type: ignore
     server = serve(config)
     watcher = subprocess.Popen([sys.executable, "-m", "engine", "status", "--address", server.address, "--watch"],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
-        time.sleep(2.0)
+        wait_until(lambda: any("AVAILABLE" in line for line in lines), "the first table")
         config.write_text(json.dumps({"model_config_list": []}))
-        time.sleep(3.0)
+        wait_until(lambda: any(line.startswith("m ") and "END" in line for line in lines), "the redraw with END")
     finally:
         watcher.terminate()
-        out, _ = watcher.communicate(timeout=10)
-    assert "AVAILABLE" in out and "END" in out
+        watcher.wait(timeout=10)
+    redraws = [line for line in lines if "MODEL" in line]
+    assert len(redraws) >= 2 and redraws[-1].startswith("\033[2J\033[H")  # cleared and redrawn, not appended
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_unknown_model_is_a_one_line_answer(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    modelgen.add_const(tmp_path / "m" / "1")
+    server = serve({"model_config_list": [model_entry("m", tmp_path / "m")]})
+    result = status("--address", server.address, "--model", "other")
+    assert result.returncode == 1 and result.stdout.strip() == "no models named other"
 
 
 def test_unreachable_server_exits_non_zero() -> None:

@@ -1,8 +1,9 @@
 """grpc.health.v1 for Kubernetes probes, and server reflection for grpcurl.
 
 Service "" is SERVING once the initial reconcile is done; a model's name is SERVING while it has an AVAILABLE
-version. Statuses are synced from the registry on a short period rather than pushed from the reconciler, so that
-nothing on the loading path knows about the front end.
+version. Statuses are synced from the registry on a short period rather than pushed from the reconciler: versions also
+change outside a reconcile (a retired one reaches END when its requests drain, an `auto` reshape swaps one in), and
+polling the registry sees all of them while nothing on the loading path knows about the front end.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class Health:
                 await self.servicer.set(name, status)
                 self._known[name] = status
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Call before the gRPC server starts: grpcio's servicer answers "" SERVING until told otherwise."""
+        await self.sync()
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:

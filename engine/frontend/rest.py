@@ -9,10 +9,14 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from .. import __version__
 from ..errors import Code, ServingError
 from ..status import ReloadResult
 from ..tensors import KSERVE_TO_NUMPY, TensorSpec
 from .dataplane import DataPlane, Tensor, parse_version
+
+SERVER_NAME = "hotserve"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -111,6 +115,10 @@ def app(plane: DataPlane, metrics: Callable[[], bytes] | None = None) -> web.App
         body["_last_reload"] = _reload_view(result)
         return web.json_response(body, status=201 if result.changed else 200)
 
+    @routes.get("/v2")
+    async def server_metadata(request: web.Request) -> web.Response:
+        return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
+
     @routes.get("/v2/health/live")
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -160,7 +168,7 @@ def app(plane: DataPlane, metrics: Callable[[], bytes] | None = None) -> web.App
 
         @routes.get("/metrics")
         async def scrape(request: web.Request) -> web.Response:
-            return web.Response(body=metrics(), content_type="text/plain", charset="utf-8")
+            return web.Response(body=metrics(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     application = web.Application(client_max_size=1 << 30)
     application.add_routes(routes)

@@ -11,7 +11,8 @@ import grpc
 import numpy as np
 
 from ..errors import Code, ServingError
-from ..tensors import KSERVE_TO_NUMPY, TensorSpec
+from ..status import ErrorCode
+from ..tensors import KSERVE_TO_NUMPY, TensorSpec, shape_text
 from .dataplane import DataPlane, Tensor
 from .generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from .generated.tensorflow.core.protobuf import meta_graph_pb2
@@ -29,13 +30,14 @@ from .grpc_errors import guarded
 
 SIGNATURE = "serving_default"
 _TF_TO_KSERVE = {
-    "DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_HALF": "FP16", "DT_BFLOAT16": "BF16",
+    "DT_FLOAT": "FP32", "DT_DOUBLE": "FP64", "DT_HALF": "FP16",
     "DT_INT8": "INT8", "DT_INT16": "INT16", "DT_INT32": "INT32", "DT_INT64": "INT64",
     "DT_UINT8": "UINT8", "DT_UINT16": "UINT16", "DT_UINT32": "UINT32", "DT_UINT64": "UINT64",
     "DT_BOOL": "BOOL", "DT_STRING": "BYTES",
 }  # fmt: skip
-_KSERVE_TO_TF = {v: types_pb2.DataType.Value(k) for k, v in _TF_TO_KSERVE.items()}
-# The typed field that carries each datatype when tensor_content is empty.
+# BF16 has no numpy type to carry a request, but a model's metadata may still declare it.
+_KSERVE_TO_TF = {**{v: types_pb2.DataType.Value(k) for k, v in _TF_TO_KSERVE.items()}, "BF16": types_pb2.DT_BFLOAT16}
+# The typed field that carries each datatype when tensor_content is empty (TF's tensor.proto comments).
 _VALUES = {
     "FP32": "float_val", "FP64": "double_val", "INT64": "int64_val", "BOOL": "bool_val", "BYTES": "string_val",
     "INT8": "int_val", "INT16": "int_val", "INT32": "int_val", "UINT8": "int_val", "UINT16": "int_val",
@@ -47,14 +49,30 @@ def _version(spec: Any) -> int | None:
     return spec.version.value if spec.HasField("version") and spec.version.value != 0 else None
 
 
-def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
-    dtype_name = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else "?"
+def datatype_of(dtype: int, name: str) -> str:
+    """TF DataType → KServe datatype, or INVALID_PRECISION naming the input."""
+    dtype_name = types_pb2.DataType.Name(dtype) if dtype in types_pb2.DataType.values() else str(dtype)
     datatype = _TF_TO_KSERVE.get(dtype_name)
     if datatype is None:
         raise ServingError(Code.INVALID_PRECISION, f"Unsupported dtype {dtype_name}; input name: {name}")
+    return datatype
+
+
+def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
+    """tensor_content (raw, zero-copy) or the typed *_val field; the value count must match the shape exactly."""
+    datatype = datatype_of(proto.dtype, name)
     shape = tuple(d.size for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in shape):
+        raise ServingError(
+            Code.INVALID_SHAPE, f"Negative or zero dimension size is not acceptable: {shape_text(shape)}"
+        )
     count = int(np.prod(shape)) if shape else 1
     if proto.tensor_content:
+        if datatype == "BYTES":
+            raise ServingError(
+                Code.INVALID_CONTENT_SIZE,
+                f"DT_STRING must be sent in string_val, not tensor_content; input name: {name}",
+            )
         dtype = KSERVE_TO_NUMPY[datatype]
         expected, actual = count * dtype.itemsize, len(proto.tensor_content)
         if actual != expected:
@@ -67,7 +85,7 @@ def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
     if datatype == "BYTES":
         data = np.empty(count, dtype=object)
         data[:] = list(values)
-    elif datatype == "FP16":
+    elif datatype == "FP16":  # half_val carries the IEEE half bit patterns, one per int32
         data = np.asarray(values, np.uint16).view(np.float16)
     else:
         data = np.asarray(values, KSERVE_TO_NUMPY[datatype])
@@ -159,7 +177,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         result = await self.plane.reload()
         response = model_management_pb2.ReloadConfigResponse()
         if not result.ok:
-            response.status.error_code = 9 if not result.config_valid else 2  # FAILED_PRECONDITION / UNKNOWN
+            code = ErrorCode.UNKNOWN if result.config_valid else ErrorCode.FAILED_PRECONDITION
+            response.status.error_code = int(code)  # load errors / an invalid file (nothing applied)
             response.status.error_message = "; ".join(result.errors)
         return response
 

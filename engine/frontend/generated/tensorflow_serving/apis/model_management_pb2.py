@@ -30,7 +30,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tensorflow_servin
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorflow_serving.apis.model_management_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'engine.frontend.generated.tensorflow_serving.apis.model_management_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RELOADCONFIGREQUEST']._serialized_start=161

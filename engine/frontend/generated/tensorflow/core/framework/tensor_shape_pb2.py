@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,tensorflow/core/f
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tensorflow.core.framework.tensor_shape_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'engine.frontend.generated.tensorflow.core.framework.tensor_shape_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORSHAPEPROTO']._serialized_start=60
