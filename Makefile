@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/reload.py
+	$(BIN)/python benchmarks/soak.py
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -112,6 +112,15 @@ class Env:
         self.reconciler = Reconciler(self._source, self.registry, self.runtime, hooks=self.gates)
         self.plane = DataPlane(self.registry, self.reload, lambda: None, self.reconciler.reshape)
         self.lifecycle = self.reconciler.lifecycle
+        self.violations: list[str] = []  # invariants broken at the moment of a status change
+        set_status = self.registry.set_status
+
+        def observed(name: str, status: Any) -> None:  # a probe on our own registry: END only when all is freed
+            if status.state == State.END and not self.gates.balanced(name, status.version, serving=0):
+                self.violations.append(f"{name} {status.version} reached END with a compile not yet freed")
+            set_status(name, status)
+
+        self.registry.set_status = observed  # type: ignore[method-assign]
 
     def _source(self) -> config_mod.Config:
         return config_mod.load(self.path)

@@ -479,3 +479,51 @@ def test_the_design_arrows_hold() -> None:
     assert ".cli" not in imports("status_cli.py") and "status_cli" not in imports("usage.py")
     assert "reconciler" not in imports("metrics.py")
     assert "runtime" not in imports("frontend/dataplane.py")
+
+
+@aio
+async def test_loader_removed_during_a_reshape_compile_is_deinitialised_after_it(env: Env, counters: Any) -> None:
+    counters.reset()
+    env.loader()
+    env.version("enc", 1)
+    env.version("plain", 1)
+    env.model("enc", shape="auto", custom_loader_options=loader_options())
+    env.model("plain")
+    assert (await env.reload()).ok
+    gate = env.gates.arm("loaded", "enc", 1)
+    request = asyncio.create_task(env.infer("enc", x=np.ones((1, 12), np.float32)))
+    await gate.reached()  # the reshape's buffers are out
+    del env.loaders["t"], env.models["enc"]
+    await env.reload()
+    assert (counters["deinit"], counters["live_buffers"]) == (0, 2), "buffers being read outlive the removal"
+    gate.release()
+    with pytest.raises(ServingError):
+        await request
+    await env.reconciler.settle()
+    assert env.state("enc", 1) == State.END
+    assert (counters["load_model"], counters["unload_model"], counters["live_buffers"], counters["deinit"]) == (
+        2, 2, 0, 1)  # fmt: skip
+    await env.close()
+
+
+@aio
+async def test_server_stop_never_raises_because_a_background_task_died(tmp_path: Path, caplog: Any) -> None:
+    from engine.server import Server, Settings
+
+    env = Env(tmp_path)
+    env.version("m", 1)
+    env.model("m")
+    env.write()
+    server = Server(Settings(config_path=env.path, port=0, grpc_bind_address="127.0.0.1"))
+    server.supervisor = Supervisor(restart_first=0.01)
+
+    def broken() -> set[Path]:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "models"))
+
+    server.watcher._base_paths = broken  # type: ignore[method-assign]  # the watch loop dies on its first pass
+    with caplog.at_level(logging.ERROR, "hotserve.server"):
+        await server.start()
+        await env.until(lambda: server.supervisor.crashes.get("watcher", 0) >= 2, "the watcher to crash twice")
+        await server.stop()
+    assert "Background task watcher failed; restarting it" in caplog.text
+    assert server.registry.models["m"].slots[1].status.state == State.END, "stopped in order: versions freed"
