@@ -38,6 +38,10 @@ def _serve_parser() -> _Parser:
     p.add_argument("--cache_size_limit", help="evict least-recently-used cache entries above this size (e.g. 10G)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="rescan interval; 0 = no watching")
     p.add_argument("--watch_mode", choices=["auto", "poll"], default="auto", help="poll: for NFS/fuse without inotify")
+    p.add_argument("--max_request_mb", type=int, default=256, help="largest request body, in MiB (default 256)")
+    p.add_argument("--tls_cert", type=Path, help="PEM certificate (chain): TLS on both ports; needs --tls_key")
+    p.add_argument("--tls_key", type=Path, help="PEM private key of --tls_cert (unencrypted)")
+    p.add_argument("--tls_client_ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS)")
     for name in MODEL_PARAMS:
         p.add_argument(f"--{name}", help="single-model mode only")
     return p
@@ -46,6 +50,7 @@ def _serve_parser() -> _Parser:
 def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
     from . import cache, config
     from .server import Settings
+    from .tls import TlsFiles
 
     args = _serve_parser().parse_args(argv)
     given = {n: getattr(args, n) for n in MODEL_PARAMS if getattr(args, n) is not None}
@@ -65,6 +70,16 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError(f"grpc_workers count should be from 1 to CPU core count : {cores}")
     if args.file_system_poll_wait_seconds < 0:
         raise UsageError("--file_system_poll_wait_seconds must be >= 0 (0 disables watching)")
+    if not 1 <= args.max_request_mb <= 2047:
+        raise UsageError("--max_request_mb must be between 1 and 2047")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls_cert and --tls_key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise UsageError("--tls_client_ca needs --tls_cert and --tls_key (mTLS is TLS with client certificates)")
+    tls = None
+    if args.tls_cert is not None:
+        tls = TlsFiles(args.tls_cert.absolute(), args.tls_key.absolute(),
+                       args.tls_client_ca.absolute() if args.tls_client_ca else None)  # fmt: skip
     limit = None
     if args.cache_size_limit is not None:
         try:
@@ -112,6 +127,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         watch_mode=args.watch_mode,
         grpc_workers=args.grpc_workers,
         log_level=args.log_level,
+        max_request_mb=args.max_request_mb,
+        tls=tls,
     )
 
 

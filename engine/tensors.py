@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import openvino as ov
+
+from .datatypes import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE
+
+__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "TensorSpec", "shape_text", "spec_of"]
 
 # OpenVINO element type name → KServe v2 datatype.
 _OV_TO_KSERVE = {
@@ -14,15 +17,6 @@ _OV_TO_KSERVE = {
     "u64": "UINT64", "u32": "UINT32", "u16": "UINT16", "u8": "UINT8",
     "boolean": "BOOL", "string": "BYTES",
 }  # fmt: skip
-
-KSERVE_TO_NUMPY: dict[str, np.dtype] = {
-    "FP64": np.dtype(np.float64), "FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16),
-    "INT64": np.dtype(np.int64), "INT32": np.dtype(np.int32), "INT16": np.dtype(np.int16), "INT8": np.dtype(np.int8),
-    "UINT64": np.dtype(np.uint64), "UINT32": np.dtype(np.uint32), "UINT16": np.dtype(np.uint16),
-    "UINT8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_), "BYTES": np.dtype(np.object_),
-}  # fmt: skip
-
-NUMPY_TO_KSERVE: dict[np.dtype, str] = {v: k for k, v in KSERVE_TO_NUMPY.items()}
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,11 @@ from ..registry import Model, Registry, Slot
 from ..runtime import ServedVersion
 from ..status import ReloadResult, State, VersionStatus
 from ..tensors import TensorSpec, shape_text
+from .tensor import Tensor
+
+__all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "parse_version", "validate"]
 
 PLATFORM = "OpenVINO"
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray
 
 
 @dataclass(frozen=True)
