@@ -18,6 +18,12 @@ class UsageError(Exception):
     pass
 
 
+def safe_line(value: object) -> str:
+    from .safe_text import safe
+
+    return safe(value, None)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
@@ -134,6 +140,7 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
 
 def _validate(argv: Sequence[str]) -> int:
     from . import config
+    from .safe_text import safe
 
     p = _Parser(prog="hotserve validate", description="Check a models.json without serving it.")
     p.add_argument("path", type=Path)
@@ -142,9 +149,9 @@ def _validate(argv: Sequence[str]) -> int:
     if errors:
         for error in errors:
             print(error)
-        print(f"{args.path}: {len(errors)} error(s)", file=sys.stderr)
+        print(f"{safe(args.path, None)}: {len(errors)} error(s)", file=sys.stderr)
         return 1
-    print(config.summary(config.load(args.path)))
+    print(safe(config.summary(config.load(args.path)), None))
     return 0
 
 
@@ -170,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return encrypt_main([command, *argv])
     except UsageError as exc:
-        print(f"hotserve {command}: {exc}", file=sys.stderr)
+        print(f"hotserve {command}: {safe_line(exc)}", file=sys.stderr)
         return EX_USAGE
 
 

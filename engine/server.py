@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
+from .schema import read_regular
 from .status import ReloadResult
 from .tls import Certificates, TlsError, TlsFiles
 from .watcher import Watcher
@@ -91,7 +92,7 @@ class _FileSource:
     def __call__(self) -> Config:
         if self._last is not None:
             try:
-                unchanged = hashlib.sha256(self.path.read_bytes()).hexdigest() == self._last.digest
+                unchanged = hashlib.sha256(read_regular(self.path)).hexdigest() == self._last.digest
             except OSError:
                 unchanged = False
             if unchanged:
