@@ -153,7 +153,7 @@ def _schema_errors(doc: Any, file: str) -> list[ConfigError]:
 
 
 def _sort_key(pointer: str) -> list[tuple[int, int | str]]:
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in pointer.split("/")[1:]]
+    return [(0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in pointer.split("/")[1:]]  # not "²"
 
 
 def read_regular(path: Path) -> bytes:
