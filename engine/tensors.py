@@ -1,22 +1,30 @@
-"""Tensor metadata shared by the runtime and the front ends: names, KServe datatypes, shapes with dynamic dims."""
+"""Tensor metadata shared by the runtime and the front ends: names, KServe datatypes, shapes with dynamic dims.
+
+Plain data: nothing here needs OpenVINO (engine/served.py turns OpenVINO ports into these).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import openvino as ov
-
-from .datatypes import KSERVE_TO_NUMPY, NUMPY_TO_KSERVE
-
-__all__ = ["KSERVE_TO_NUMPY", "NUMPY_TO_KSERVE", "TensorSpec", "shape_text", "spec_of"]
+import numpy as np
 
 # OpenVINO element type name → KServe v2 datatype.
-_OV_TO_KSERVE = {
+OV_TO_KSERVE = {
     "f64": "FP64", "f32": "FP32", "f16": "FP16", "bf16": "BF16",
     "i64": "INT64", "i32": "INT32", "i16": "INT16", "i8": "INT8",
     "u64": "UINT64", "u32": "UINT32", "u16": "UINT16", "u8": "UINT8",
     "boolean": "BOOL", "string": "BYTES",
 }  # fmt: skip
+
+KSERVE_TO_NUMPY: dict[str, np.dtype] = {
+    "FP64": np.dtype(np.float64), "FP32": np.dtype(np.float32), "FP16": np.dtype(np.float16),
+    "INT64": np.dtype(np.int64), "INT32": np.dtype(np.int32), "INT16": np.dtype(np.int16), "INT8": np.dtype(np.int8),
+    "UINT64": np.dtype(np.uint64), "UINT32": np.dtype(np.uint32), "UINT16": np.dtype(np.uint16),
+    "UINT8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_), "BYTES": np.dtype(np.object_),
+}  # fmt: skip
+
+NUMPY_TO_KSERVE: dict[np.dtype, str] = {v: k for k, v in KSERVE_TO_NUMPY.items()}
 
 
 @dataclass(frozen=True)
@@ -52,16 +60,6 @@ def _dim_text(lo: int, hi: int) -> str:
     if lo == 0 and hi == -1:
         return "-1"
     return f"[{lo}~{hi}]"
-
-
-def spec_of(port: ov.Output, batch_index: int) -> TensorSpec:
-    shape = port.get_partial_shape()
-    bounds = None
-    if shape.rank.is_static:
-        bounds = tuple((d.get_min_length(), d.get_max_length()) for d in shape)
-    return TensorSpec(
-        port.any_name, _OV_TO_KSERVE.get(port.element_type.get_type_name(), "UNKNOWN"), bounds, batch_index
-    )
 
 
 def shape_text(shape: tuple[int, ...] | list[int]) -> str:

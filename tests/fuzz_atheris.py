@@ -16,11 +16,11 @@ import atheris
 with atheris.instrument_imports():
     from engine import config as config_mod
     from engine.config import ConfigInvalid
-    from engine.datatypes import KSERVE_TO_NUMPY
     from engine.errors import ServingError
     from engine.frontend import kserve_wire
     from engine.frontend.rest_body import parse_infer
     from engine.frontend.tensor import make_tensor
+    from engine.tensors import KSERVE_TO_NUMPY
 
 DATATYPES = [*sorted(KSERVE_TO_NUMPY), "FP8", ""]
 _TMP = Path(tempfile.mkdtemp(prefix="hotserve-fuzz-"))

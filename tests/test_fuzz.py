@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 
 from engine import config as config_mod
 from engine.config import ConfigInvalid
-from engine.datatypes import KSERVE_TO_NUMPY
 from engine.errors import ServingError
 from engine.frontend.rest_body import parse_infer
 from engine.frontend.tensor import MAX_DIMS, make_tensor
+from engine.tensors import KSERVE_TO_NUMPY
 
 EXAMPLES = int(os.environ.get("HOTSERVE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,11 +8,10 @@ from typing import Any
 import grpc
 
 from .. import __version__
-from ..datatypes import KSERVE_TO_NUMPY
 from ..errors import Code, ServingError
 from ..safe_text import safe
 from ..status import State
-from ..tensors import TensorSpec
+from ..tensors import KSERVE_TO_NUMPY, TensorSpec
 from . import codec, kserve_wire, offload
 from .dataplane import DataPlane, Tensor, parse_version
 from .generated.inference import grpc_service_pb2 as pb

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..datatypes import KSERVE_TO_NUMPY
 from ..errors import Code, ServingError
 from ..safe_text import safe
+from ..tensors import KSERVE_TO_NUMPY
 
 MAX_DIMS = 32  # more axes than any model has; numpy itself stops at 64
 MAX_ELEMENTS = 1 << 32  # a bound on the element count (zero dims aside), far above what a request's bytes can carry
