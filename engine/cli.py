@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,9 +61,6 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
             raise UsageError(f"--{flag} must be between 0 and 65535")
     if args.port and args.port == args.rest_port:
         raise UsageError("--port and --rest_port must differ")
-    cores = os.cpu_count() or 1
-    if not 1 <= args.grpc_workers <= cores:
-        raise UsageError(f"grpc_workers count should be from 1 to CPU core count : {cores}")
     if args.grpc_workers != 1:  # refused rather than accepted and ignored
         raise UsageError(f"--grpc_workers {args.grpc_workers}: only 1 worker process is supported so far")
     if args.file_system_poll_wait_seconds < 0:

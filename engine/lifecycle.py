@@ -9,14 +9,17 @@ Every load, reshape and retire takes the slot's next generation. A compile whose
 it returns (a retire, reload or shutdown came meanwhile) is freed, never installed. END is marked only when nothing of
 the slot is compiling, draining or being freed, so a late drain of an older compile can never end a newer one.
 
-Threads: compiles run on the load pool; frees and every call into a loader library run on one loader thread, in
-order, so a decrypt holding a loader's lock never blocks the event loop, and each successful hs_loader_load_model
-is matched by exactly one hs_loader_unload_model once nothing compiled from it is left (freed, discarded or failed).
+Threads: compiles run on the load pool, with the loader's own calls of a load (load_model, release, and the unload
+of a load whose compile failed); frees and every other loader call (blacklist, unload, retire, open, close) run on
+one loader thread, in order. None runs on the event loop, so a decrypt holding a loader's lock never blocks serving.
+Each successful hs_loader_load_model is matched by exactly one hs_loader_unload_model once nothing compiled from it
+is left (freed, discarded or failed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -104,7 +107,8 @@ class Lifecycle:
     async def settle(self) -> None:
         """Wait until no compile, drain or free runs (tests, shutdown)."""
         while self._compiling or any(life.busy for life in self._lives.values()):
-            await asyncio.gather(*self._compiling, return_exceptions=True)
+            if self._compiling:  # asyncio.wait, not gather: a cancelled caller must not cancel the compiles
+                await asyncio.wait(list(self._compiling))
             await self._tasks.wait()
             if not self._compiling and any(life.busy for life in self._lives.values()):
                 await asyncio.sleep(0)  # a compile's result is being handed over
@@ -134,12 +138,12 @@ class Lifecycle:
             if loaded is not None:
                 self.hooks.thread("loaded", name, version)
             served = self.runtime.load(applied.model, version, Source(applied.path, loaded), shapes)
+            self.hooks.thread("compiled", name, version)
         except BaseException:
             if loaded is not None:
                 loaded.unload()  # nothing compiled from this load is left
             raise
         served.origin = loaded
-        self.hooks.thread("compiled", name, version)
         return served
 
     def _free_in_thread(self, served: ServedVersion) -> None:
@@ -149,13 +153,19 @@ class Lifecycle:
             served.origin.unload()
 
     # ---- bookkeeping ----
-    def _compile(self, name: str, version: int, applied: Applied, shapes: Shapes | None) -> asyncio.Future[Any]:
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._compile_pool, self._compile_in_thread, name, version, applied, shapes
-        )
+    def _compile(
+        self, name: str, version: int, applied: Applied, shapes: Shapes | None
+    ) -> tuple[concurrent.futures.Future[ServedVersion], asyncio.Future[ServedVersion]]:
+        job = self._compile_pool.submit(self._compile_in_thread, name, version, applied, shapes)
+        fut = asyncio.wrap_future(job)
         self._compiling.add(fut)
         fut.add_done_callback(self._compiling.discard)
-        return fut
+        return job, fut
+
+    def _revived(self, life: VersionLife) -> None:
+        order = self._ended.get(life.name)
+        if order is not None and life.version in order:
+            order.remove(life.version)
 
     def _reached_end(self, life: VersionLife) -> None:
         """Keep the last KEEP_ENDED END versions of a model; forget older ones (registry slot and life)."""
@@ -228,6 +238,7 @@ class VersionLife:
         """Start or reload this version; what serves keeps serving until the new compile is in. Returns the error."""
         if self._owner.closing:
             return "the server is shutting down"
+        self._owner._revived(self)
         self.generation += 1
         generation = self.generation
         serving = self.serving
@@ -290,11 +301,13 @@ class VersionLife:
             generation = self.generation
             try:
                 served = await self._compile(applied, wanted, generation)
-            except LoadError as exc:
+            except Exception as exc:
+                if generation != self.generation:
+                    return False  # a reload or retire replaced it meanwhile (e.g. its loader was re-initialised)
+                if not isinstance(exc, LoadError):
+                    raise ServingError(Code.RESHAPE_ERROR, _error_text(exc, self.name, self.version)) from None
                 log.warning("OV does not support reshaping model: %s with provided shape: %s", self.name, exc)
                 raise ServingError(Code.RESHAPE_ERROR, str(exc)) from None
-            except Exception as exc:
-                raise ServingError(Code.RESHAPE_ERROR, _error_text(exc, self.name, self.version)) from None
             if served is None:
                 return False
             slot = self.slot
@@ -321,12 +334,15 @@ class VersionLife:
     # ---- internals ----
     async def _compile(self, applied: Applied, shapes: Shapes | None, generation: int) -> ServedVersion | None:
         """A compile in the load pool; None (and the result freed) if `generation` was superseded meanwhile."""
-        fut = self._owner._compile(self.name, self.version, applied, shapes)
+        job, fut = self._owner._compile(self.name, self.version, applied, shapes)
         self._busy += 1
         try:
             served: ServedVersion = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            fut.add_done_callback(self._orphaned)  # the caller went away: free what it would have got
+        except asyncio.CancelledError:  # the caller went away
+            if job.cancel():
+                self._done_compiling()  # it had not started: nothing to free
+            else:
+                fut.add_done_callback(self._orphaned)  # running: free what it would have got
             raise
         except BaseException:
             self._done_compiling()

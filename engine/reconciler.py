@@ -108,7 +108,7 @@ class Reconciler:
         return fut
 
     async def _run(self) -> None:
-        while self._pending:
+        while self._pending and not self._closing:
             waiting, self._pending = self._pending, []
             self._forced_run, self._force = self._force, False
             if self._forced_run:
@@ -153,7 +153,9 @@ class Reconciler:
             return ReloadResult(False, False, tuple(str(e) for e in exc.errors), config_valid=False)
         errors: list[str] = [str(e) for e in config.errors]
         for error in config.errors:
-            self._say(logging.ERROR, f"Invalid entry left as it was: {error}")
+            applied = error.model in self._desired or (error.loader is not None and self.loaders.get(error.loader))
+            what = "Invalid entry left as it was" if applied else "Invalid entry not loaded"
+            self._say(logging.ERROR, f"{what}: {error}")
         self.config = config
         errors += await self.loaders.sync(config.loaders, self.lifecycle.in_loader_thread, retry=self._forced_run)
         for error in errors[len(config.errors) :]:
@@ -171,12 +173,18 @@ class Reconciler:
             changed |= model_changed
             errors += model_errors
         for name in list(self.registry.models):
-            if name not in desired and name not in invalid and self._desired.get(name) is not None:
+            if name in desired or name in invalid:
+                continue
+            if self._desired.get(name) is not None:
                 log.info("Retiring all versions of model: %s (removed from the config)", name)
                 changed |= self._retire_all(name)
                 await self.loaders.retire_model(self._desired[name], self.lifecycle.in_loader_thread)
                 self._desired[name] = None
                 self._forget_failures(name)
+            entry = self.registry.models[name]
+            entry.error = None  # no longer configured: no error of its own (its END versions stay listed)
+            if not entry.slots:
+                del self.registry.models[name]  # an invalid entry that never served, now removed
         self._desired.update(desired)
         errors += self._still_failing(desired, errors)
         return ReloadResult(not errors, changed, tuple(errors))
@@ -258,6 +266,8 @@ class Reconciler:
             if not todo:
                 break
             for version in todo:
+                if self._closing:
+                    return changed, errors  # shutting down: no new compile starts
                 error = await self._load(model, version, scan.versions[version], loader, quiet.get(version))
                 changed = True
                 if error is not None:
@@ -343,7 +353,11 @@ class Reconciler:
         entry = self.registry.models.get(name)
         if entry is None:
             return False
-        return any([self.lifecycle.life(name, v).retire() for v in list(entry.slots)])
+        retired = False
+        for version in list(entry.slots):
+            if version in entry.slots:  # a retire reaching END may have pruned an older END slot
+                retired |= self.lifecycle.life(name, version).retire()
+        return retired
 
     async def settle(self) -> None:
         """Wait for background compiles, drains and frees (tests)."""

@@ -4,7 +4,6 @@ backoff; a one-shot task's exception is logged; stop() cancels and awaits them a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -64,14 +63,13 @@ class Supervisor:
             log.error("Background task %s failed", task.get_name(), exc_info=exc)
 
     async def wait(self) -> None:
-        """Wait for the one-shot tasks running now (and any they start meanwhile)."""
+        """Wait for the one-shot tasks running now (and any they start meanwhile); never cancels them."""
         while self._oneshots:
-            await asyncio.gather(*list(self._oneshots), return_exceptions=True)
+            await asyncio.wait(list(self._oneshots))
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)  # their exceptions were reported; the caller's own cancellation still applies

@@ -78,13 +78,16 @@ class Watcher:
                 continue
             changed = asyncio.Event()
             watcher = asyncio.create_task(self._watch_once(paths, changed))
-            while not watcher.done():
-                await asyncio.sleep(self._poll_seconds)
-                if {p for p in self._paths() if p.exists()} != paths:
-                    changed.set()
-                    break
-            with contextlib.suppress(Exception):
-                await watcher
+            try:
+                while not watcher.done():
+                    await asyncio.sleep(self._poll_seconds)
+                    if {p for p in self._paths() if p.exists()} != paths:
+                        break
+            finally:  # also when this loop crashes or is cancelled: never leave a live watch behind
+                changed.set()
+                watcher.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await watcher
 
     async def _watch_once(self, paths: set[Path], stop: asyncio.Event) -> None:
         try:

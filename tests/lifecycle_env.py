@@ -115,7 +115,10 @@ class Env:
         self.violations: list[str] = []  # invariants broken at the moment of a status change
         set_status = self.registry.set_status
 
+        self.history: list[tuple[str, int, State]] = []
+
         def observed(name: str, status: Any) -> None:  # a probe on our own registry: END only when all is freed
+            self.history.append((name, status.version, status.state))
             if status.state == State.END and not self.gates.balanced(name, status.version, serving=0):
                 self.violations.append(f"{name} {status.version} reached END with a compile not yet freed")
             set_status(name, status)

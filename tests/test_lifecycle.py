@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -445,14 +446,128 @@ async def test_retire_during_the_first_load_ends_once_the_compile_returns(env: E
     first = asyncio.create_task(env.reload())
     await gate.reached()
     assert env.state("m", 1) == State.LOADING
-    env.model("m", model_version_policy=SPECIFIC_2)
-    second = asyncio.create_task(env.reload())  # coalesces: runs after the first
+    assert env.lifecycle.life("m", 1).retire()  # e.g. its loader blacklisted it: retired while it compiles
+    assert env.state("m", 1) == State.UNLOADING
     gate.release()
-    await first
-    await second
+    await first  # the reconcile still wants version 1: it loads it again once the retired compile is freed
     await env.reconciler.settle()
-    assert env.state("m", 1) == State.END and env.gates.balanced("m", 1, serving=0)
+    states = [state for name, _, state in env.history if name == "m"]
+    after = states[states.index(State.UNLOADING) :]
+    assert after[-3:] == [State.START, State.LOADING, State.AVAILABLE], states  # END in between only if freed first
+    assert env.gates.passed[("compile", "m", 1)] == 2 and env.gates.balanced("m", 1, serving=1)
+    assert env.violations == []
     await env.close()
+
+
+@aio
+async def test_shutdown_starts_no_further_compile_nor_reconcile(env: Env) -> None:
+    for version in (1, 2, 3):
+        env.version("m", version)
+    env.model("m", model_version_policy={"all": {}})
+    env.write()
+    gate = env.gates.arm("compile", "m", 1)
+    start = env.reconciler.trigger()
+    await gate.reached()
+    queued = env.reconciler.trigger()  # would coalesce into one more run
+    closing = asyncio.create_task(env.close())
+    await env.until(lambda: env.reconciler.closing, "shutdown to begin")
+    gate.release()
+    await closing
+    await start
+    assert (await queued).errors == ("the server is shutting down",)
+    assert [env.gates.passed[("compile", "m", v)] for v in (1, 2, 3)] == [1, 0, 0]
+    assert env.reconciler.runs == 1
+
+
+@aio
+async def test_a_cancelled_reshape_request_does_not_leave_its_compile_queued(env: Env) -> None:
+    env.version("m", 1)
+    env.model("m", shape="auto")
+    assert (await env.reload()).ok
+    gate = env.gates.arm("compile", "m", 1)
+    first = asyncio.create_task(env.infer("m", x=np.ones((1, 11), np.float32)))
+    await gate.reached()  # its compile holds one pool thread...
+    blocker = env.lifecycle._compile_pool.submit(gate.released.wait)  # ...and the other thread is busy too
+    first.cancel()  # the client gives up while its compile runs: that compile is freed when it returns
+    await asyncio.gather(first, return_exceptions=True)
+    second = asyncio.create_task(env.infer("m", x=np.ones((1, 12), np.float32)))
+    await env.until(lambda: len(env.lifecycle._compiling) == 2, "the second reshape to be queued")
+    second.cancel()  # gives up while its compile still waits for a thread: it must never run
+    await asyncio.gather(second, return_exceptions=True)
+    gate.release()
+    blocker.result(timeout=30)
+    await env.reconciler.settle()
+    assert env.gates.passed[("compile", "m", 1)] == 2, "only the load and the running reshape ever compiled"
+    assert env.gates.balanced("m", 1, serving=1) and env.served("m", 1).inputs[0].shape == (1, 10)
+    await env.close()
+
+
+@aio
+async def test_an_invalid_entry_removed_from_the_config_leaves_no_ghost(env: Env) -> None:
+    env.loader()
+    env.version("good", 1)
+    env.version("bad", 1)
+    env.model("good")
+    env.model("bad", allow_cache=True, custom_loader_options=loader_options())
+    await env.reload()
+    assert env.registry.models["bad"].error
+    del env.models["bad"]
+    assert (await env.reload()).ok
+    assert "bad" not in env.registry.models
+    await env.close()
+
+
+@aio
+async def test_a_crashing_watch_loop_leaves_no_live_watch(tmp_path: Path) -> None:
+    from engine.watcher import Watcher
+
+    calls = 0
+
+    def base_paths() -> set[Path]:
+        nonlocal calls
+        calls += 1
+        if calls % 2 == 0:  # the loop crashes right after it started a watch
+            raise PermissionError(13, "Permission denied", str(tmp_path))
+        return {tmp_path}
+
+    supervisor = Supervisor(restart_first=0.01, restart_max=0.02)
+    Watcher(None, base_paths, lambda: None, 0.02).start(supervisor)
+
+    def watches() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "_watch_once" in repr(t.get_coro())]
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while supervisor.crashes.get("watcher", 0) < 5 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert supervisor.crashes.get("watcher", 0) >= 5
+    assert len(watches()) <= 1, "each crash must stop the watch it started"
+    await supervisor.stop()
+    await asyncio.sleep(0)
+    assert watches() == []
+
+
+def test_metrics_drop_the_series_of_forgotten_versions() -> None:
+    from engine.metrics import Metrics
+    from engine.registry import Registry
+    from engine.status import VersionStatus
+
+    registry = Registry()
+    for version in (1, 2):
+        registry.set_status("m", VersionStatus(version, State.AVAILABLE))
+
+    @dataclass(frozen=True)
+    class Counts:
+        runs: int = 1
+        failed_runs: int = 0
+
+    metrics = Metrics(registry, Counts(), None)
+    metrics.observe("m", 1, "kserve", True, 0.001)
+    metrics.observe("m", 2, "kserve", True, 0.001)
+    assert b'version="1"' in metrics.render()
+    registry.forget("m", 1)
+    text = metrics.render()
+    assert b'hotserve_requests_total{api="kserve",model="m",version="2"}' in text
+    assert b'hotserve_requests_total{api="kserve",model="m",version="1"}' not in text
 
 
 @aio
