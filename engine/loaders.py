@@ -1,8 +1,9 @@
 """The custom loaders named in the config: opened, re-initialised on change, closed when removed.
 
-Reconciled before the models on every reload; knows nothing of gRPC or the registry. Every call into a loader
-library runs through `run` (the lifecycle's loader thread): a decrypt holding a loader's lock never blocks the
-event loop. A closed loader is deinitialised only once every version loaded through it has been unloaded.
+Reconciled before the models on every reload; knows nothing of gRPC or the registry. The calls made here (open,
+close, retire, blacklist) run through `run` (the lifecycle's loader thread), a load's own calls on the load pool:
+none on the event loop, so a decrypt holding a loader's lock never blocks serving. A closed loader is deinitialised
+only once every version loaded through it has been unloaded.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@
  *      by a reload or a re-shape), or the compile was discarded (superseded, shutdown) or failed. Because a
  *      reload serves before the old compile retires, an unload of a version may arrive after the load that
  *      replaced it: count loads and unloads per version rather than treating one unload as "version gone".
- *      Unloads are sent in the order the compiles are freed, from one server thread.
+ *      Unloads of freed versions are sent in the order they are freed, from one server thread; the unload of
+ *      a load whose compile failed is sent at once from the thread that loaded it (calls never overlap: lock).
  *      hs_loader_retire_model(handle, name) when the whole model is gone from the config. Both are
  *      notifications: the loader may drop per-model state; they cannot fail.
  *   6. hs_loader_deinit(handle) once; no call uses the handle afterwards.
