@@ -38,6 +38,7 @@ def _serve_parser() -> _Parser:
     p.add_argument("--cache_size_limit", help="evict least-recently-used cache entries above this size (e.g. 10G)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="rescan interval; 0 = no watching")
     p.add_argument("--watch_mode", choices=["auto", "poll"], default="auto", help="poll: for NFS/fuse without inotify")
+    p.add_argument("--drain_seconds", type=float, default=5.0, help="SIGTERM: serve on this long, not ready (0 = no)")
     for name in MODEL_PARAMS:
         p.add_argument(f"--{name}", help="single-model mode only")
     return p
@@ -63,6 +64,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
     cores = os.cpu_count() or 1
     if not 1 <= args.grpc_workers <= cores:
         raise UsageError(f"grpc_workers count should be from 1 to CPU core count : {cores}")
+    if not 0 <= args.drain_seconds < float("inf"):
+        raise UsageError("--drain_seconds must be >= 0 (0 skips the drain window)")
     if args.file_system_poll_wait_seconds < 0:
         raise UsageError("--file_system_poll_wait_seconds must be >= 0 (0 disables watching)")
     limit = None
@@ -112,6 +115,7 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         watch_mode=args.watch_mode,
         grpc_workers=args.grpc_workers,
         log_level=args.log_level,
+        drain_seconds=args.drain_seconds,
     )
 
 

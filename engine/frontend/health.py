@@ -28,15 +28,18 @@ class Health:
         self.servicer = health.aio.HealthServicer()
         self._known: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._draining: asyncio.Task[None] | None = None  # keeps drain()'s task referenced until it is done
 
     def register(self, server: grpc.aio.Server) -> str:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         return health.SERVICE_NAME
 
     async def sync(self) -> None:
-        wanted = {"": SERVING if self.plane.ready else NOT_SERVING}
+        serving = self.plane.ready and not self.plane.draining
+        wanted = {"": SERVING if serving else NOT_SERVING}
         for view in self.plane.models():
-            wanted[view.name] = SERVING if self.plane.registry.model(view.name).default_version() else NOT_SERVING
+            available = self.plane.registry.model(view.name).default_version()
+            wanted[view.name] = SERVING if serving and available else NOT_SERVING
         for name, status in wanted.items():
             if self._known.get(name) != status:
                 await self.servicer.set(name, status)
@@ -52,12 +55,16 @@ class Health:
             await self.sync()
             await asyncio.sleep(SYNC_SECONDS)
 
+    def drain(self) -> None:
+        """Every name NOT_SERVING from the next loop step on (Watch streams are told), and for good."""
+        self._draining = asyncio.create_task(self.stop())
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.servicer.enter_graceful_shutdown()
+        await self.servicer.enter_graceful_shutdown()  # idempotent: drain() may have run it already
 
 
 def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
