@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "models.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "models.schema.json"  # a link to schemas/, a copy in the wheel
 
 
 @dataclass(frozen=True)
