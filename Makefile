@@ -8,7 +8,7 @@ BUILD  := $(CURDIR)/build
 CONFIG ?= configs/models.json
 PORT   ?= 9000
 
-.PHONY: setup serve test bench protos loaders lint clean
+.PHONY: setup serve test bench protos loaders lint clean image image-test
 
 setup: $(STAMP) loaders configs/models/dummy/1/model.xml configs/models/dummy-encrypted/1/model.xml.enc
 
@@ -35,6 +35,14 @@ bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/reload.py
+
+# make image       — build the container image (podman or docker; see deploy/image.py). Not part of `make test`.
+# make image-test  — run it against the default config and check both sample models answer
+image: $(STAMP)
+	$(BIN)/python deploy/image.py build
+
+image-test: $(STAMP)
+	$(BIN)/python deploy/image.py test
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
