@@ -115,7 +115,8 @@ class SlowRequests:
 def config(tmp_path: Path) -> dict:
     modelgen.add_const(tmp_path / "dummy" / "1")
     modelgen.slow(tmp_path / "slow" / "1")
-    return {"model_config_list": [model_entry("dummy", tmp_path / "dummy"), model_entry("slow", tmp_path / "slow", **SLOW)]}
+    entries = [model_entry("dummy", tmp_path / "dummy"), model_entry("slow", tmp_path / "slow", **SLOW)]
+    return {"model_config_list": entries}
 
 
 def start_in_flight(server: ServerProcess, rest: str) -> tuple[SlowRequests, float]:
