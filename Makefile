@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/reload.py
+	$(BIN)/python benchmarks/fleet.py
 
 # make image       — build the container image (podman or docker; see deploy/image.py). Not part of `make test`.
 # make image-test  — run it against the default config and check both sample models answer
