@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-EX_USAGE = 64
+from .usage import EX_USAGE, Parser, UsageError
+
 COMMANDS = ("serve", "validate", "status", "keygen", "encrypt")
 MODEL_PARAMS = ("batch_size", "shape", "layout", "nireq", "model_version_policy", "target_device", "plugin_config")
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def _serve_parser() -> _Parser:
-    p = _Parser(prog="hotserve serve", description="Serve OpenVINO models over gRPC (OVMS flag names).")
+def _serve_parser() -> Parser:
+    p = Parser(prog="hotserve serve", description="Serve OpenVINO models over gRPC (OVMS flag names).")
     p.add_argument("--config_path", type=Path, help="models.json (a folder means its models.json or config.json)")
     p.add_argument("--model_name", help="single-model mode: the served name")
     p.add_argument("--model_path", type=Path, help="single-model mode: the base_path with version folders")
@@ -32,7 +23,7 @@ def _serve_parser() -> _Parser:
     p.add_argument("--grpc_bind_address", default="0.0.0.0")
     p.add_argument("--rest_port", type=int, default=0, help="REST port (0 = off)")
     p.add_argument("--rest_bind_address", default="0.0.0.0")
-    p.add_argument("--grpc_workers", type=int, default=1, help="accepted for OVMS compatibility: 1..CPU count")
+    p.add_argument("--grpc_workers", type=int, default=1, help="worker processes; only 1 is supported so far")
     p.add_argument("--log_level", default="INFO", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--cache_dir", type=Path, help="compiled-model cache (default /opt/cache when it exists)")
     p.add_argument("--cache_size_limit", help="evict least-recently-used cache entries above this size (e.g. 10G)")
@@ -64,6 +55,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
     cores = os.cpu_count() or 1
     if not 1 <= args.grpc_workers <= cores:
         raise UsageError(f"grpc_workers count should be from 1 to CPU core count : {cores}")
+    if args.grpc_workers != 1:  # refused rather than accepted and ignored
+        raise UsageError(f"--grpc_workers {args.grpc_workers}: only 1 worker process is supported so far")
     if not 0 <= args.drain_seconds < float("inf"):
         raise UsageError("--drain_seconds must be >= 0 (0 skips the drain window)")
     if args.file_system_poll_wait_seconds < 0:
@@ -122,7 +115,7 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
 def _validate(argv: Sequence[str]) -> int:
     from . import config
 
-    p = _Parser(prog="hotserve validate", description="Check a models.json without serving it.")
+    p = Parser(prog="hotserve validate", description="Check a models.json without serving it.")
     p.add_argument("path", type=Path)
     args = p.parse_args(argv)
     errors = config.validate_file(args.path)

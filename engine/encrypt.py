@@ -20,6 +20,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .usage import EX_USAGE, Parser, UsageError
+
 MAGIC = b"HSENC1\0\0"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sI12s")
@@ -28,7 +30,6 @@ TAG_LEN = 16
 KEY_LEN = 32
 MODEL_SUFFIXES = (".xml", ".bin", ".onnx")
 CHUNK = 1 << 20
-EX_USAGE = 64
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -40,10 +41,6 @@ class EncryptError(Exception):
 class EncryptResult:
     written: tuple[Path, ...]
     skipped: tuple[Path, ...]  # files that are not model files (not copied)
-
-
-class _UsageError(Exception):
-    pass
 
 
 def keygen(path: Path | str) -> Path:
@@ -152,14 +149,9 @@ def decrypt_file(key_file: Path | str, path: Path | str) -> bytes:
         key[:] = bytes(len(key))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hotserve", add_help=False)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="hotserve", add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     keygen_cmd = commands.add_parser("keygen", help="write a new random AES-256 key (hex, mode 0600)")
     keygen_cmd.add_argument("key_file", metavar="KEYFILE")
     encrypt_cmd = commands.add_parser("encrypt", help="encrypt a version folder's model files for the aesgcm loader")
@@ -174,7 +166,7 @@ def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     try:
         args = _parser().parse_args(argv)
-    except _UsageError as exc:
+    except UsageError as exc:
         command = argv[0] if argv else "encrypt"
         print(f"hotserve {command}: {exc}", file=sys.stderr)
         return EX_USAGE

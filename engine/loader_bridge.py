@@ -121,9 +121,11 @@ class Loader:
         self.max_buffer_bytes = max_buffer_bytes
         self._lib = lib
         self._handle: Any = handle
-        self._closed = False
+        self._closed = False  # no new loads; hs_loader_deinit runs once nothing loaded through it is live
+        self._deinited = False
         self._lock = threading.RLock()  # re-entrant: a LoadedModel finalised by GC may release while we hold it
-        self._outstanding: weakref.WeakSet[LoadedModel] = weakref.WeakSet()
+        # loads not yet unloaded: their buffers may still be read (read_model), or their version still serves
+        self._live: weakref.WeakSet[LoadedModel] = weakref.WeakSet()
 
     @classmethod
     def open(
@@ -163,6 +165,10 @@ class Loader:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def deinited(self) -> bool:
+        return self._deinited
+
     def __repr__(self) -> str:
         return f"Loader({self.name!r}, {str(self.library)!r}{', closed' if self._closed else ''})"
 
@@ -201,8 +207,9 @@ class Loader:
                 raise self._error(f"{where}: {problem}", failure)
             if status == Status.MODEL_TYPE_ONNX:
                 self._release_buffer(weights)  # unused for ONNX; give it back now
-            loaded = LoadedModel(self, "IR" if status == Status.MODEL_TYPE_IR else "ONNX", model, weights, where)
-            self._outstanding.add(loaded)
+            kind = "IR" if status == Status.MODEL_TYPE_IR else "ONNX"
+            loaded = LoadedModel(self, kind, model, weights, where, name_c, version)
+            self._live.add(loaded)
             return loaded
 
     def _check_buffers(self, kind: Status, model: Any, weights: Any) -> str | None:
@@ -221,16 +228,24 @@ class Loader:
 
     def _release_buffer(self, buf: Any) -> None:
         """hs_loader_release for one non-NULL buffer; the caller holds the lock."""
-        if buf.data != ffi.NULL and not self._closed:
+        if buf.data != ffi.NULL and not self._deinited:
             self._lib.hs_loader_release(self._handle, buf)
         buf.data = ffi.NULL
         buf.size = 0
 
-    def _release(self, loaded: LoadedModel, model: Any, weights: Any) -> None:
+    def _release(self, model: Any, weights: Any) -> None:
         with self._lock:
             self._release_buffer(model)
             self._release_buffer(weights)
-            self._outstanding.discard(loaded)
+
+    def _unload(self, loaded: LoadedModel, name_c: bytes, version: int) -> None:
+        """hs_loader_unload_model for one load; the last one of a closed loader runs hs_loader_deinit."""
+        with self._lock:
+            if not self._deinited:
+                self._lib.hs_loader_unload_model(self._handle, name_c, version)
+            self._live.discard(loaded)
+            if self._closed and not self._live:
+                self._deinit()
 
     def is_blacklisted(self, model_name: str, version: int) -> bool:
         """hs_loader_blacklist_status: True when the loader says this version must not be served now."""
@@ -240,33 +255,43 @@ class Loader:
             return bool(self._lib.hs_loader_blacklist_status(self._handle, name_c, version) == Status.MODEL_BLACKLISTED)
 
     def unload_model(self, model_name: str, version: int) -> None:
-        """Tell the loader a version was freed (a no-op once closed)."""
+        """Tell the loader a version was freed (a no-op once deinitialised). The server uses LoadedModel.unload()."""
         name_c = _c_string(model_name, "model name")
         with self._lock:
-            if not self._closed:
+            if not self._deinited:
                 self._lib.hs_loader_unload_model(self._handle, name_c, version)
 
     def retire_model(self, model_name: str) -> None:
-        """Tell the loader a model left the config (a no-op once closed)."""
+        """Tell the loader a model left the config (a no-op once deinitialised)."""
         name_c = _c_string(model_name, "model name")
         with self._lock:
-            if not self._closed:
+            if not self._deinited:
                 self._lib.hs_loader_retire_model(self._handle, name_c)
 
-    def close(self) -> None:
-        """Release every buffer still out, then hs_loader_deinit. Idempotent. The library stays loaded (as OVMS)."""
+    def close(self, force: bool = False) -> None:
+        """No new loads; hs_loader_deinit once every load is unloaded (now, if none is live). Idempotent.
+
+        A load still live may have buffers OpenVINO is reading in another thread, so they are never released
+        from under it; `force` (shutdown, after every compile thread has finished) releases and unloads them
+        first. The library stays loaded (as OVMS).
+        """
         with self._lock:
-            if self._closed:
-                return
-            for loaded in list(self._outstanding):
-                loaded.release()
             self._closed = True
+            if force:
+                for loaded in list(self._live):
+                    loaded.unload()
+            if not self._live:
+                self._deinit()
+
+    def _deinit(self) -> None:
+        if not self._deinited:
+            self._deinited = True
             self._lib.hs_loader_deinit(self._handle)
             self._handle = ffi.NULL
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown nothing sensible is left to do
-            self.close()
+            self.close(force=True)
 
 
 _LIBRARIES: dict[str, Any] = {}  # never dlclose'd, as in OVMS: a loader's threads or TLS may outlive its deinit
@@ -294,17 +319,24 @@ def _has_symbol(lib: Any, symbol: str) -> bool:
 
 
 class LoadedModel:
-    """A model in the loader's memory. Use it, then release() (or `with`): the loader wipes and frees it.
+    """One load of a model version from a loader: its buffers, then the version compiled from them.
 
-    Views returned by the accessors point into the loader's memory and are invalid after release().
+    release() (or `with`) wipes our copies and hands the buffers back (the loader wipes and frees them); views
+    returned by the accessors point into the loader's memory and are invalid afterwards. unload() — once the
+    server holds nothing compiled from this load any more — sends hs_loader_unload_model, exactly once.
     """
 
-    def __init__(self, loader: Loader, kind: str, model: Any, weights: Any, where: str) -> None:
+    def __init__(
+        self, loader: Loader, kind: str, model: Any, weights: Any, where: str, name_c: bytes = b"", version: int = 0
+    ) -> None:
         self.kind = kind  # "IR" | "ONNX"
         self.where = where
         self.model_size = int(model.size)
         self.weights_size = int(weights.size)
         self._loader: Loader | None = loader
+        self._owner: Loader | None = loader  # until unload()
+        self._name_c = name_c
+        self._version = version
         self._model = model
         self._weights = weights
         self._copies: list[bytearray] = []
@@ -357,7 +389,18 @@ class LoadedModel:
             _wipe(copy)
         self._copies.clear()
         if loader is not None:
-            loader._release(self, self._model, self._weights)
+            loader._release(self._model, self._weights)
+
+    @property
+    def unloaded(self) -> bool:
+        return self._owner is None
+
+    def unload(self) -> None:
+        """Release the buffers if still out, then hs_loader_unload_model for this load. Idempotent."""
+        self.release()
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner._unload(self, self._name_c, self._version)
 
     def __enter__(self) -> LoadedModel:
         return self
@@ -367,4 +410,4 @@ class LoadedModel:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter shutdown nothing sensible is left to do
-            self.release()
+            self.unload()

@@ -1,23 +1,29 @@
 """The custom loaders named in the config: opened, re-initialised on change, closed when removed.
 
-Reconciled before the models on every reload; knows nothing of gRPC or the registry.
+Reconciled before the models on every reload; knows nothing of gRPC or the registry. Every call into a loader
+library runs through `run` (the lifecycle's loader thread): a decrypt holding a loader's lock never blocks the
+event loop. A closed loader is deinitialised only once every version loaded through it has been unloaded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .config import LoaderConfig, ModelConfig
+from .loader_bridge import LoadedModel, Loader, LoaderError
 
 log = logging.getLogger("hotserve.modelmanager")
+
+Run = Callable[..., Awaitable[Any]]  # run(fn, *args) in the loader thread
 
 
 @dataclass
 class _Open:
     config: LoaderConfig
-    loader: object  # engine.loader_bridge.Loader
+    loader: Loader
     generation: int
 
 
@@ -26,14 +32,13 @@ class LoaderSet:
         self._open: dict[str, _Open] = {}
         self._failed: dict[str, tuple[LoaderConfig, str]] = {}  # loader name → (its config, why it failed to open)
         self._generation = 0
+        self._closing: list[Loader] = []  # closed, waiting for their last version to be unloaded
 
-    def sync(self, configs: Iterable[LoaderConfig], retry: bool = False) -> list[str]:
+    async def sync(self, configs: Iterable[LoaderConfig], run: Run, retry: bool = False) -> list[str]:
         """Open new loaders, re-open changed ones (the old one serves until the new one is up), close removed ones.
 
         A loader entry that failed is tried again when it changes, or on `retry` (an operator's reload).
         """
-        from .loader_bridge import Loader, LoaderError
-
         errors: list[str] = []
         wanted = {c.name: c for c in configs}
         for name, config in wanted.items():
@@ -46,7 +51,7 @@ class LoaderSet:
                 continue
             log.info("Reading Custom Loader: %s configuration", name)
             try:
-                loader = Loader.open(name, config.library_path, config.config_file)
+                loader = await run(Loader.open, name, config.library_path, config.config_file)
             except LoaderError as exc:
                 errors.append(f"loader {name}: {exc}")
                 self._failed[name] = (config, str(exc))
@@ -56,13 +61,18 @@ class LoaderSet:
             self._open[name] = _Open(config, loader, self._generation)
             if current is not None:
                 log.info("Loader %s was re-initialised; its models reload through it", name)
-                current.loader.close()  # type: ignore[attr-defined]
+                await self._close(current.loader, run)
         for name in set(self._failed) - set(wanted):
             del self._failed[name]
         for name in set(self._open) - set(wanted):
             log.info("Loader %s is not there in new list.. deleting the same", name)
-            self._open.pop(name).loader.close()  # type: ignore[attr-defined]
+            await self._close(self._open.pop(name).loader, run)
         return errors
+
+    async def _close(self, loader: Loader, run: Run) -> None:
+        """Deinit now, or once the versions still serving from it are freed (kept for shutdown until then)."""
+        await run(loader.close)
+        self._closing = [c for c in (*self._closing, loader) if not c.deinited]
 
     def get(self, name: str) -> ModelLoader | None:
         found = self._open.get(name)
@@ -77,37 +87,32 @@ class LoaderSet:
         found = self._open.get(model.loader_name or "")
         return 0 if found is None else found.generation
 
-    def retire_model(self, model: ModelConfig | None) -> None:
+    async def retire_model(self, model: ModelConfig | None, run: Run) -> None:
         found = self._open.get(model.loader_name or "") if model is not None else None
-        if found is not None:
-            found.loader.retire_model(model.name)  # type: ignore[attr-defined, union-attr]
-
-    def unload_version(self, model: ModelConfig | None, version: int) -> None:
-        found = self._open.get(model.loader_name or "") if model is not None else None
-        if found is not None:
-            found.loader.unload_model(model.name, version)  # type: ignore[attr-defined, union-attr]
+        if found is not None and model is not None:
+            await run(found.loader.retire_model, model.name)
 
     def close(self) -> None:
-        for entry in self._open.values():
-            entry.loader.close()  # type: ignore[attr-defined]
+        """Shutdown, once no compile runs: unload what is still live and deinit every loader."""
+        for loader in (*(e.loader for e in self._open.values()), *self._closing):
+            loader.close(force=True)
         self._open.clear()
+        self._closing.clear()
 
 
 @dataclass(frozen=True)
 class ModelLoader:
     """A loader as one model's versions use it."""
 
-    loader: object
+    loader: Loader
     generation: int
 
-    def load(self, model: ModelConfig, version: int) -> object:
-        return self.loader.load(model.name, str(model.base_path), version, dict(model.custom_loader_options or {}))  # type: ignore[attr-defined]
+    def load(self, model: ModelConfig, version: int) -> LoadedModel:
+        return self.loader.load(model.name, str(model.base_path), version, dict(model.custom_loader_options or {}))
 
     def is_blacklisted(self, name: str, version: int, log_reason: bool = False) -> bool:
-        from .loader_bridge import LoaderError
-
         try:
-            blacklisted = bool(self.loader.is_blacklisted(name, version))  # type: ignore[attr-defined]
+            blacklisted = self.loader.is_blacklisted(name, version)
         except LoaderError as exc:
             log.error("Blacklist check failed, treating version %d of model %s as enabled: %s", version, name, exc)
             return False

@@ -7,22 +7,34 @@ on the loading path knows about metrics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .cache import ModelCache
-from .reconciler import Reconciler
 from .registry import Registry
 from .status import State
+
+
+class ReloadCounts(Protocol):
+    """What metrics read of the reconciler."""
+
+    @property
+    def runs(self) -> int: ...
+
+    @property
+    def failed_runs(self) -> int: ...
+
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
-    def __init__(self, registry: Registry, reconciler: Reconciler, cache: ModelCache | None) -> None:
+    def __init__(self, registry: Registry, reconciler: ReloadCounts, cache: ModelCache | None) -> None:
         self.registry = registry
         self.collectors = CollectorRegistry()
         self.requests = Counter(
@@ -37,6 +49,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=self.collectors,
         )  # fmt: skip
         self.collectors.register(_StateCollector(registry, reconciler, cache))
+        self._series: set[tuple[str, str, str]] = set()
 
     def observe(self, model: str, version: int | None, api: str, ok: bool, seconds: float) -> None:
         """Count one inference request. Names and versions a client made up are labelled "": bounded series."""
@@ -48,17 +61,33 @@ class Metrics:
         elif version not in entry.slots:
             version = None
         labels = (model, str(version) if version else "", api)
+        self._series.add(labels)
         self.requests.labels(*labels).inc()
         if not ok:
             self.failures.labels(*labels).inc()
         self.latency.labels(model, api).observe(seconds)
 
     def render(self) -> bytes:
+        self._prune()
         return generate_latest(self.collectors)
+
+    def _prune(self) -> None:
+        """Drop the series of versions the registry forgot and of models it no longer has: bounded series."""
+        for labels in list(self._series):
+            model, version, api = labels
+            entry = self.registry.models.get(model) if model else None
+            if model and (entry is None or (version and int(version) not in entry.slots)):
+                self._series.discard(labels)
+                for counter in (self.requests, self.failures):
+                    with contextlib.suppress(KeyError):
+                        counter.remove(*labels)
+                if entry is None:
+                    with contextlib.suppress(KeyError):
+                        self.latency.remove(model, api)
 
 
 class _StateCollector(Collector):
-    def __init__(self, registry: Registry, reconciler: Reconciler, cache: ModelCache | None) -> None:
+    def __init__(self, registry: Registry, reconciler: ReloadCounts, cache: ModelCache | None) -> None:
         self.registry = registry
         self.reconciler = reconciler
         self.cache = cache

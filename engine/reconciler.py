@@ -1,8 +1,8 @@
-"""Desired (config + version folders) vs actual (registry) → a plan per model and version → executed.
+"""Desired (config + version folders) vs actual (registry) → a plan per model and version, handed to the lifecycle.
 
-A new or reloaded version is compiled beside what serves and swapped in only once it is AVAILABLE; a retiring version
-goes UNLOADING, waits for its in-flight requests, is freed, then END. One reconcile runs at a time; triggers that arrive
-meanwhile coalesce into one more run.
+The reconciler only decides: which versions start, reload or retire, and when a failed one is retried. Each version's
+VersionLife (engine/lifecycle.py) carries the decision out. One reconcile runs at a time; triggers that arrive
+meanwhile coalesce into one more run. File-system work and loader calls run off the event loop.
 """
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
 from . import versions
 from .config import Config, ConfigInvalid, ModelConfig
 from .errors import Code, ServingError
-from .loader_bridge import LoaderError
-from .loaders import LoaderSet
+from .lifecycle import Applied, Hooks, Lifecycle
+from .loaders import LoaderSet, ModelLoader
 from .registry import Registry
-from .runtime import LoadError, Runtime, ServedVersion, Source
+from .runtime import Runtime
 from .status import ReloadResult, State, VersionStatus
 
 log = logging.getLogger("hotserve.modelmanager")
@@ -69,26 +69,23 @@ class Reconciler:
         runtime: Runtime,
         loaders: LoaderSet | None = None,
         parallel_loads: int = 2,
+        hooks: Hooks | None = None,
     ) -> None:
         self._source = source
         self.registry = registry
-        self.runtime = runtime
         self.loaders = loaders or LoaderSet()
-        self._pool = ThreadPoolExecutor(max_workers=parallel_loads, thread_name_prefix="load")
+        self.lifecycle = Lifecycle(registry, runtime, parallel_loads, hooks)
         self._parallel = asyncio.Semaphore(parallel_loads)
-        # the config (and loader generation) each served version was compiled with
-        self._applied: dict[str, dict[int, tuple[ModelConfig, int]]] = {}
         self._said: set[str] = set()  # problems already logged: each is logged once while it lasts
         self._said_now: set[str] = set()
         self._wake: asyncio.TimerHandle | None = None
-        self._reshape_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._force = False
         self._forced_run = False
-        self._desired: dict[str, ModelConfig] = {}
+        self._desired: dict[str, ModelConfig | None] = {}
         self._failures: dict[tuple[str, int], _Failure] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
         self._pending: list[asyncio.Future[ReloadResult]] = []
         self._runner: asyncio.Task[None] | None = None
+        self._closing = False
         self.config: Config | None = None
         self.last_result: ReloadResult | None = None
         self.runs = 0
@@ -100,11 +97,14 @@ class Reconciler:
 
         `force` (an operator's reload: API, SIGHUP) also retries failed versions now instead of after their backoff.
         """
-        self._force |= force
         fut: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            fut.set_result(ReloadResult(False, False, ("the server is shutting down",)))
+            return fut
+        self._force |= force
         self._pending.append(fut)
         if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run())
+            self._runner = asyncio.create_task(self._run(), name="reconcile")
         return fut
 
     async def _run(self) -> None:
@@ -146,7 +146,7 @@ class Reconciler:
 
     async def _reconcile(self) -> ReloadResult:
         try:
-            config = self._source()
+            config = await asyncio.to_thread(self._source)  # reading and schema checks: off the loop
         except ConfigInvalid as exc:
             for error in exc.errors:
                 self._say(logging.ERROR, f"Configuration invalid, nothing applied: {error}")
@@ -155,12 +155,15 @@ class Reconciler:
         for error in config.errors:
             self._say(logging.ERROR, f"Invalid entry left as it was: {error}")
         self.config = config
-        errors += self.loaders.sync(config.loaders, retry=self._forced_run)
+        errors += await self.loaders.sync(config.loaders, self.lifecycle.in_loader_thread, retry=self._forced_run)
         for error in errors[len(config.errors) :]:
             self._say(logging.ERROR, error)
         changed = False
         desired = {m.name: m for m in config.models}
-        untouched = set(config.model_errors)
+        invalid = {name: errs for name, errs in config.model_errors.items() if name not in desired}
+        for name, model_errors in invalid.items():
+            entry = self.registry.ensure(name)  # at start-up it is listed with its error, as on a live reload
+            entry.error = "Invalid config entry: " + "; ".join(f"{e.pointer}: {e.message}" for e in model_errors)
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._model(m)) for m in desired.values()]
         for task in tasks:
@@ -168,14 +171,19 @@ class Reconciler:
             changed |= model_changed
             errors += model_errors
         for name in list(self.registry.models):
-            if name not in desired and name not in untouched and self._desired.get(name) is not None:
+            if name not in desired and name not in invalid and self._desired.get(name) is not None:
                 log.info("Retiring all versions of model: %s (removed from the config)", name)
                 changed |= self._retire_all(name)
-                self.loaders.retire_model(self._desired[name])
-                self._desired[name] = None  # type: ignore[assignment]
+                await self.loaders.retire_model(self._desired[name], self.lifecycle.in_loader_thread)
+                self._desired[name] = None
+                self._forget_failures(name)
         self._desired.update(desired)
         errors += self._still_failing(desired, errors)
         return ReloadResult(not errors, changed, tuple(errors))
+
+    def _forget_failures(self, name: str) -> None:
+        for key in [k for k in self._failures if k[0] == name]:
+            del self._failures[key]
 
     def _still_failing(self, desired: Mapping[str, ModelConfig], reported: list[str]) -> list[str]:
         """Versions that failed before and wait for their retry: the result describes the state, not just this run."""
@@ -196,8 +204,10 @@ class Reconciler:
                 return False, [f"model {model.name}: internal error: {exc}"]
 
     async def _reconcile_model(self, model: ModelConfig) -> tuple[bool, list[str]]:
+        if self._closing:
+            return False, []
         entry = self.registry.ensure(model.name)
-        scan = versions.scan(model.base_path)
+        scan = await asyncio.to_thread(versions.scan, model.base_path)
         for warning in scan.warnings:
             self._say(logging.WARNING, f"{warning} (model {model.name})")
         entry.error = None
@@ -210,7 +220,8 @@ class Reconciler:
             return False, [f"model {model.name}: {entry.error}"]
         previous = self._desired.get(model.name)
         if previous is not None and previous.custom_loader_options != model.custom_loader_options:
-            self.loaders.retire_model(previous)  # the loader forgets what it knew of the old options (enable_file…)
+            # the loader forgets what it knew of the old options (enable_file…)
+            await self.loaders.retire_model(previous, self.lifecycle.in_loader_thread)
         loader = None
         if model.loader_name is not None:
             loader = self.loaders.get(model.loader_name)
@@ -220,29 +231,33 @@ class Reconciler:
                 self._say(logging.ERROR, f"{entry.error}. In case any models are loaded, will be unloading them "
                                          f"(model {model.name})")  # fmt: skip
                 return self._retire_all(model.name), [f"model {model.name}: {entry.error}"]
+        quiet = await asyncio.to_thread(self._quiet_times, model.name, scan)
         now = time.time()
-        available = {v for v, path in scan.versions.items() if self._ready_on_disk(model.name, v, path, now)}
+        available = {v for v in scan.versions if self._ready_on_disk(model.name, v, quiet, now)}
         if loader is not None:
-            available = {v for v in available if not loader.is_blacklisted(model.name, v, log_reason=True)}
+            available = await self.lifecycle.in_loader_thread(_not_blacklisted, loader, model.name, available)
         generation = self.loaders.generation(model)
-        applied = self._applied.setdefault(model.name, {})
-        stale = {
-            v
-            for v, (cfg, gen) in applied.items()
-            if (cfg.needs_reload(model) or gen != generation)
-            and not (v in scan.versions and self._held(model, v, scan))
-        }  # a reload that failed (the old compile keeps serving) is retried with the same backoff as a failed load
+        stale = set()
+        for version, slot in entry.slots.items():
+            life = self.lifecycle.get(model.name, version)
+            applied = life.applied if life is not None and slot.served is not None else None
+            if applied is None or not (applied.model.needs_reload(model) or applied.loader_generation != generation):
+                continue
+            if not (version in scan.versions and self._held(model, version, quiet)):
+                stale.add(version)  # a reload that failed (the old compile serves) is retried with the same backoff
         changed, errors, failed = False, [], set()
         while True:
+            if self._closing:
+                return changed, errors
             current = {v: s.status for v, s in entry.slots.items()}
-            held = {v for v in available if current.get(v) and current[v].failed and self._held(model, v, scan)}
+            held = {v for v in available if current.get(v) and current[v].failed and self._held(model, v, quiet)}
             requested = set(model.version_policy.select(sorted(available - failed - held)))
             plan = plan_versions(current, requested, stale)
             todo = sorted(plan.start | plan.reload)
             if not todo:
                 break
             for version in todo:
-                error = await self._load(model, version, scan.versions[version], loader, current.get(version))
+                error = await self._load(model, version, scan.versions[version], loader, quiet.get(version))
                 changed = True
                 if error is not None:
                     failed.add(version)
@@ -250,21 +265,25 @@ class Reconciler:
             stale -= set(todo)
         retire = plan.retire - failed - held
         for version in retire:
-            changed = True
-            self._retire(model.name, version)
+            changed |= self.lifecycle.life(model.name, version).retire()
         return changed, errors
 
-    def _ready_on_disk(self, name: str, version: int, path: object, now: float) -> bool:
+    def _quiet_times(self, name: str, scan: versions.VersionScan) -> dict[int, float]:
+        """When each version folder not serving cleanly (new, ended, failed) was last written: a walk, in a thread."""
+        model = self.registry.models.get(name)
+        times = {}
+        for version, path in scan.versions.items():
+            slot = model.slots.get(version) if model is not None else None
+            clean = slot is not None and slot.status.state < State.UNLOADING and not slot.status.failed
+            if not clean or (name, version) in self._failures:
+                times[version] = versions.quiet_since(path)
+        return times
+
+    def _ready_on_disk(self, name: str, version: int, quiet: Mapping[int, float], now: float) -> bool:
         """A folder not yet served must have been quiet for QUIET_SECONDS: a half-copied folder is not ready."""
-        slot = self.registry.models[name].slots.get(version)
-        if (
-            self.runs == 1
-            or self._forced_run
-            or (slot is not None and slot.status.state < State.UNLOADING and not slot.status.failed)
-        ):
+        if self.runs == 1 or self._forced_run or version not in quiet:
             return True  # at start-up or on an operator's reload the files are what they are
-        quiet = versions.quiet_since(path)  # type: ignore[arg-type]
-        if now - quiet >= QUIET_SECONDS:
+        if now - quiet[version] >= QUIET_SECONDS:
             return True
         log.info("Version %d of model %s is still being written; waiting until it is quiet", version, name)
         self._wake_later(QUIET_SECONDS)
@@ -272,165 +291,83 @@ class Reconciler:
 
     def _wake_later(self, delay: float) -> None:
         """Come back for a folder that is not ready yet, whether or not anything watches the disk."""
+        if self._closing:
+            return
         if self._wake is None or self._wake.cancelled() or self._wake.when() < asyncio.get_running_loop().time():
             self._wake = asyncio.get_running_loop().call_later(delay, self.trigger)
 
-    def _held(self, model: ModelConfig, version: int, scan: versions.VersionScan) -> bool:
+    def _held(self, model: ModelConfig, version: int, quiet: Mapping[int, float]) -> bool:
         """A failed version is retried when its files or config change, otherwise with backoff."""
         failure = self._failures.get((model.name, version))
         if failure is None:
             return False
-        if failure.key != _failure_key(model, scan.versions[version]):
+        if failure.key != (model, quiet.get(version)):
             return False
         return time.monotonic() < failure.next_try
 
     async def _load(
-        self, model: ModelConfig, version: int, path: object, loader: object, before: VersionStatus | None
+        self, model: ModelConfig, version: int, path: Path, loader: ModelLoader | None, started: float | None
     ) -> str | None:
-        """Start or reload one version. The old compiled model (if any) keeps serving until the new one is in."""
-        name = self.registry.ensure(model.name).name
-        slot = self.registry.models[name].slots.get(version)
-        serving = slot is not None and slot.served is not None and slot.status.state == State.AVAILABLE
-        if serving:
-            log.info("Will reload model: %s; version: %d ...", name, version)
-            status = slot.status  # type: ignore[union-attr]
-        else:
-            log.info("Will add model: %s; version: %d ...", name, version)
-            status = VersionStatus(version)
-            if before is None or before.state >= State.UNLOADING:
-                self.registry.set_status(name, status)  # START
-            status = status.moved(State.LOADING)
-            self.registry.set_status(name, status)
-        started = versions.quiet_since(path)  # type: ignore[arg-type]
-        clock = time.perf_counter()
-        try:
-            served = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._compile, model, version, path, loader
-            )
-        except LoadError as exc:
-            message = str(exc)
-            if versions.quiet_since(path) != started:  # type: ignore[arg-type]
-                log.info("Version %d of model %s changed while loading; will retry when quiet", version, name)
-                self._wake_later(QUIET_SECONDS)
-            self._note_failure(model, version, path)
-            log.error("Error occurred while loading model: %s; version: %d; error: %s", name, version, message)
-            if not serving:
-                self.registry.set_status(name, status.moved(State.LOADING, message))
-            return message
-        self._failures.pop((name, version), None)
-        new_status = VersionStatus(
-            version,
-            State.AVAILABLE,
-            cache=served.cache_reason,
-            loaded_from_cache=served.loaded_from_cache,
-            load_seconds=time.perf_counter() - clock,
-        )
-        old = self.registry.install(name, served, new_status)
-        self._applied.setdefault(name, {})[version] = (model, self.loaders.generation(model))
-        if old is not None:
-            self._spawn(self._free(old))
-        return None
+        """Start or reload one version through its lifecycle; a failure is remembered for the backoff."""
+        if started is None:
+            started = await asyncio.to_thread(versions.quiet_since, path)
+        error = await self.lifecycle.life(model.name, version).load(Applied(model, path, loader))
+        if error is None:
+            self._failures.pop((model.name, version), None)
+            return None
+        now_quiet = await asyncio.to_thread(versions.quiet_since, path)
+        if now_quiet != started:
+            log.info("Version %d of model %s changed while loading; will retry when quiet", version, model.name)
+            self._wake_later(QUIET_SECONDS)
+        self._note_failure(model, version, now_quiet)
+        return error
 
-    def _compile(
-        self, model: ModelConfig, version: int, path: object, loader: object, shapes: object = None
-    ) -> ServedVersion:
-        loaded = None
-        if loader is not None:
-            try:
-                loaded = loader.load(model, version)  # type: ignore[attr-defined]
-            except LoaderError as exc:
-                raise LoadError(f"{exc.version_error} - {exc}") from None
-        return self.runtime.load(model, version, Source(path, loaded), shapes)  # type: ignore[arg-type]
-
-    def _note_failure(self, model: ModelConfig, version: int, path: object) -> None:
-        key = _failure_key(model, path)
+    def _note_failure(self, model: ModelConfig, version: int, quiet: float) -> None:
+        key = (model, quiet)
         previous = self._failures.get((model.name, version))
         attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempts - 1))
         self._failures[(model.name, version)] = _Failure(key, attempts, time.monotonic() + delay)
 
-    # ---- auto shape / auto batch ----
-    async def reshape(self, name: str, version: int, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Recompile one `auto` version for a request's shapes, beside the serving one; swap it in when ready.
-
-        Concurrent requests for the new shape wait on the lock and then find it done; if it fails, the previous
-        shape keeps serving and the request gets RESHAPE_ERROR.
-        """
-        lock = self._reshape_locks.setdefault((name, version), asyncio.Lock())
-        async with lock:
-            slot = self.registry.models[name].slots.get(version)
-            current = slot.served if slot is not None else None
-            applied = self._applied.get(name, {}).get(version)
-            if current is None or applied is None:
-                raise ServingError(Code.MODEL_VERSION_NOT_LOADED_ANYMORE)
-            if all(spec.shape == shapes.get(spec.name, spec.shape) for spec in current.inputs):
-                return  # another request already reshaped it
-            model = applied[0]
-            wanted = {**current.requested_shape, **shapes}
-            log.info("Will reload model: %s version: %d (requested shape %s)", name, version, wanted)
-            path = versions.scan(model.base_path).versions.get(version)
-            if path is None:
-                raise ServingError(Code.MODEL_VERSION_NOT_LOADED_ANYMORE)
-            loader = self.loaders.get(model.loader_name) if model.loader_name else None
-            try:
-                served = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._compile, model, version, path, loader, wanted
-                )
-            except LoadError as exc:
-                log.warning("OV does not support reshaping model: %s with provided shape: %s", name, exc)
-                raise ServingError(Code.RESHAPE_ERROR, str(exc)) from None
-            status = replace(slot.status, cache=served.cache_reason, loaded_from_cache=served.loaded_from_cache)
-            old = self.registry.install(name, served, status)
-            if old is not None:
-                self._spawn(self._free(old))
+    # ---- auto shape / auto batch (called by the front end) ----
+    async def reshape(self, name: str, version: int, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Recompile one `auto` version for a request's shapes (see VersionLife.reshape)."""
+        life = self.lifecycle.get(name, version)
+        if life is None:
+            raise ServingError(Code.MODEL_VERSION_NOT_LOADED_ANYMORE)
+        return await life.reshape(shapes)
 
     # ---- retiring ----
     def _retire_all(self, name: str) -> bool:
         entry = self.registry.models.get(name)
         if entry is None:
             return False
-        live = [v for v, s in entry.slots.items() if s.status.state < State.UNLOADING]
-        for version in live:
-            self._retire(name, version)
-        return bool(live)
-
-    def _retire(self, name: str, version: int) -> None:
-        """UNLOADING now; END once in-flight requests finish and the model is freed (in the background)."""
-        log.info("Will unload model: %s; version: %d ...", name, version)
-        slot = self.registry.models[name].slots[version]
-        self.registry.set_status(name, slot.status.moved(State.UNLOADING))
-        served = self.registry.take(name, version)
-        applied = self._applied.get(name, {}).pop(version, None)
-        self._spawn(self._finish_retire(name, version, served, applied[0] if applied else None))
-
-    async def _finish_retire(
-        self, name: str, version: int, served: ServedVersion | None, model: ModelConfig | None
-    ) -> None:
-        if served is not None:
-            await self._free(served)
-            self.loaders.unload_version(model, version)
-        slot = self.registry.models[name].slots[version]
-        if slot.served is None and slot.status.state == State.UNLOADING:  # not resurrected meanwhile
-            self.registry.set_status(name, slot.status.moved(State.END))
-
-    async def _free(self, served: ServedVersion) -> None:
-        await served.drained()
-        served.close()
-
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        return any([self.lifecycle.life(name, v).retire() for v in list(entry.slots)])
 
     async def settle(self) -> None:
-        """Wait for background retirements (tests, shutdown)."""
-        while self._retiring:
-            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+        """Wait for background compiles, drains and frees (tests)."""
+        await self.lifecycle.settle()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.loaders.close()
+    # ---- shutdown ----
+    async def quiesce(self) -> None:
+        """No more reconciles: later triggers answer "shutting down"; the running one finishes (no new compiles)."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.cancel()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+        for fut in self._pending:
+            if not fut.done():
+                fut.set_result(ReloadResult(False, False, ("the server is shutting down",)))
+        self._pending.clear()
+
+    async def close(self) -> None:
+        """Shutdown after the front ends stopped: every version drained and freed, then the loaders deinitialised."""
+        await self.quiesce()
+        await self.lifecycle.close()
+        await self.lifecycle.in_loader_thread(self.loaders.close)
+        self.lifecycle.shutdown()
 
 
-def _failure_key(model: ModelConfig, path: object) -> tuple[object, ...]:
-    return (model, versions.quiet_since(path))  # type: ignore[arg-type]
+def _not_blacklisted(loader: ModelLoader, name: str, available: set[int]) -> set[int]:
+    return {v for v in available if not loader.is_blacklisted(name, v, log_reason=True)}

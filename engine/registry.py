@@ -1,6 +1,7 @@
 """name → versions → the served version a request gets; leases so a retiring version waits for its requests.
 
-Everything here runs on the event loop thread, so there are no locks: a swap is one assignment.
+Everything here runs on the event loop thread, so there are no locks: a swap is one assignment. Front ends read;
+only engine/lifecycle.py writes a version's slot (and the reconciler a model's `error`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .errors import Code, ServingError
-from .runtime import ServedVersion
+from .served import ServedVersion
 from .status import State, VersionStatus, log_change
 
 log = logging.getLogger("hotserve.modelmanager")
@@ -144,6 +145,12 @@ class Registry:
         served, slot.served = slot.served, None
         self._log_default(model, before)
         return served
+
+    def forget(self, name: str, version: int) -> None:
+        """Drop an END version's slot (only the last few END versions are kept)."""
+        model = self.models.get(name)
+        if model is not None:
+            model.slots.pop(version, None)
 
     def _log_default(self, model: Model, before: int | None) -> None:
         after = model.default_version()

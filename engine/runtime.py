@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,7 @@ import openvino as ov
 from . import cache as cache_rules
 from . import versions
 from .config import AUTO, ModelConfig
-from .tensors import TensorSpec, spec_of
+from .served import ServedVersion
 
 log = logging.getLogger("hotserve.modelmanager")
 
@@ -143,90 +141,6 @@ def _plugin_config(model: ModelConfig) -> dict[str, object]:
     return config
 
 
-class ServedVersion:
-    """A compiled model version and its pool of infer requests; inference never blocks the event loop."""
-
-    def __init__(
-        self,
-        name: str,
-        version: int,
-        compiled: ov.CompiledModel,
-        nireq: int,
-        loaded_from_cache: bool,
-        cache_reason: str,
-        batch_index: Mapping[str, int],
-        requested_shape: Mapping[str, tuple[int, ...]] | None = None,
-        auto_inputs: frozenset[str] = frozenset(),
-        auto_batch: bool = False,
-    ) -> None:
-        self.name = name
-        self.version = version
-        self.compiled = compiled
-        self.nireq = nireq
-        self.loaded_from_cache = loaded_from_cache
-        self.cache_reason = cache_reason
-        self.inputs: tuple[TensorSpec, ...] = tuple(spec_of(p, batch_index.get(p.any_name, 0)) for p in compiled.inputs)
-        self.outputs: tuple[TensorSpec, ...] = tuple(spec_of(p, 0) for p in compiled.outputs)
-        self.requested_shape = dict(requested_shape or {})
-        self.auto_inputs = auto_inputs  # shape "auto": a request of another shape reshapes this version
-        self.auto_batch = auto_batch  # batch_size "auto": a request of another batch reshapes this version
-        self._requests = [compiled.create_infer_request() for _ in range(nireq)]
-        self._idle: asyncio.Queue[ov.InferRequest] | None = None
-        self.inflight = 0
-        self._drained: asyncio.Event | None = None
-
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one inference on an idle request; returns the outputs (copied) in the model's output order."""
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for request in self._requests:
-                self._idle.put_nowait(request)
-        idle = self._idle
-        request = await idle.get()
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        try:
-            request.set_callback(lambda fut: loop.call_soon_threadsafe(_finish, fut), done)
-            request.start_async(dict(inputs), share_inputs=True)
-        except BaseException:
-            idle.put_nowait(request)
-            raise
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:  # the client went away: the request is busy until OpenVINO is done with it
-            done.add_done_callback(lambda _: idle.put_nowait(request))
-            raise
-        try:
-            request.wait()  # returns at once; raises what the asynchronous inference raised
-            return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.outputs))]
-        finally:
-            idle.put_nowait(request)
-
-    # Leases: the registry counts in-flight requests so a retiring version can wait for them.
-    def acquire(self) -> None:
-        self.inflight += 1
-
-    def release(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0 and self._drained is not None:
-            self._drained.set()
-
-    async def drained(self) -> None:
-        if self.inflight == 0:
-            return
-        self._drained = asyncio.Event()
-        await self._drained.wait()
-
-    def close(self) -> None:
-        self._requests.clear()
-        self.compiled = None  # type: ignore[assignment]  # frees the compiled model once the last reference goes
-
-
-def _finish(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class Runtime:
     """Owns the one shared ov.Core. Never sets CACHE_DIR on it: the cache is passed per compile (cache.py)."""
 
@@ -234,7 +148,6 @@ class Runtime:
         self.core = ov.Core()
         self.cache = cache
         self.device_override = device_override
-        self._lock = threading.Lock()
 
     def load(
         self, model: ModelConfig, version: int, source: Source, requested: Mapping[str, tuple[int, ...]] | None = None
@@ -265,13 +178,16 @@ class Runtime:
                 ov_model = _apply_layout(ov_model, model)
             cache_dir = None
             if decision.use and self.cache is not None and files:
-                cache_dir = self.cache.dir_for(model.name, files, _compile_key(model, requested))
+                cache_dir = self._cache_dir(model, files, requested)
             target = ov_model if ov_model is not None else found.model
             compiled, from_cache = cache_rules.compile_model(
                 self.core, target, device, _plugin_config(model), cache_dir
             )
             if cache_dir is not None and self.cache is not None:
-                self.cache.enforce_limit(keep=cache_dir)
+                try:
+                    self.cache.enforce_limit(keep=cache_dir)
+                except OSError as exc:  # e.g. another process evicting the same folders: the load still stands
+                    log.warning("Model cache %s: size limit not enforced: %s", self.cache.root, exc)
         except LoadError:
             raise
         except versions.ModelFilesError as exc:
@@ -313,6 +229,17 @@ class Runtime:
             from_cache,
         )
         return served
+
+    def _cache_dir(
+        self, model: ModelConfig, files: list[Path], requested: Mapping[str, tuple[int, ...]] | None
+    ) -> Path | None:
+        """The cache folder for this compile, or None (compile without the cache) when it cannot be made."""
+        assert self.cache is not None
+        try:
+            return self.cache.dir_for(model.name, files, _compile_key(model, requested))
+        except OSError as exc:  # cache dir deleted, unwritable or full: the model still loads, uncached
+            log.warning("Model %s: cache folder not usable (%s); compiling without the cache", model.name, exc)
+            return None
 
     def _read_loaded(self, loaded: object) -> ov.Model:
         kind = loaded.kind  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ import hashlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
 from .status import ReloadResult
+from .supervise import Supervisor
 from .watcher import Watcher
 
 log = logging.getLogger("hotserve.server")
@@ -122,6 +123,7 @@ class Server:
             force_polling=settings.watch_mode == "poll",
         )
         self.health = Health(self.plane)
+        self.supervisor = Supervisor()  # the watcher and the health sync: restarted if they crash
         self.grpc: grpc.aio.Server | None = None
         self.rest: web.AppRunner | None = None
         self.port = 0
@@ -174,7 +176,8 @@ class Server:
             "OK" if result.ok else f"with {len(result.errors)} error(s)",
         )
         await self.health.sync()
-        self.watcher.start()
+        self.supervisor.keep("health sync", self.health.run)
+        self.watcher.start(self.supervisor)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -196,7 +199,7 @@ class Server:
             return
         self._ready_at_signal = self.plane.ready
         self.plane.draining = True  # REST /v2/health/ready answers 503 from here on
-        self.health.drain()  # gRPC health "" and every model NOT_SERVING, before any other callback runs
+        self.health.drain()  # gRPC health "" and every model NOT_SERVING from the next loop step on
         log.info("%s: health is NOT_SERVING; draining", sig.name)
         self._stop.set()
 
@@ -218,27 +221,39 @@ class Server:
         self.reconciler.trigger(force=True)
 
     async def stop(self) -> None:
+        """Triggers off → the running reconcile finishes → front ends stop (in-flight requests finish) → every
+        version drained and freed → loaders deinitialised. Each step runs whatever the one before it did."""
         log.info("Shutting down: no new RPCs; waiting for in-flight ones (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
-        await self.watcher.stop()
-        await self.health.stop()
+        await self._step("stopping the watcher and health sync", self.supervisor.stop())
+        await self._step("finishing the running reconcile", self.reconciler.quiesce())
+        await self._step("stopping health", self.health.stop())
         if self.rest is not None:
-            await self.rest.cleanup()
+            await self._step("stopping the REST server", self.rest.cleanup())
         if self.grpc is not None:
-            await self.grpc.stop(SHUTDOWN_GRACE_SECONDS)
-        with contextlib.suppress(Exception):
-            self.reconciler.close()
+            await self._step("stopping the gRPC server", self.grpc.stop(SHUTDOWN_GRACE_SECONDS))
+        await self._step("freeing the models and loaders", self.reconciler.close())
         log.info("Shutdown complete")
+
+    @staticmethod
+    async def _step(what: str, step: Awaitable[object]) -> None:
+        try:
+            await step
+        except Exception:  # shutdown goes on: later steps still free what they own
+            log.exception("Shutdown: %s failed", what)
 
 
 def validate_startup(settings: Settings) -> list[str]:
-    """An invalid config at start-up is fatal: every error, each naming file, pointer and model."""
+    """Only a file that cannot be applied at all (unreadable, not JSON, schema) stops the start-up.
+
+    An entry with a semantic error starts as on a live reload: that model is listed with its error, the rest serve.
+    """
     try:
-        found = config_source(settings)()
+        config_source(settings)()
     except ConfigInvalid as exc:
         return [str(e) for e in exc.errors]
     except ValueError as exc:
         return [str(exc)]
-    return [str(e) for e in found.errors]
+    return []
 
 
 def serve(settings: Settings) -> int:

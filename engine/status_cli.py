@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
 
 import grpc
+
+from .usage import Parser
 
 EX_UNAVAILABLE = 69
 WATCH_SECONDS = 1.0
@@ -41,12 +42,6 @@ def render(rows: list[tuple[str, str, str, str, str]]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from .cli import UsageError
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # type: ignore[override]
-            raise UsageError(message)
-
     parser = Parser(prog="hotserve status", description="Show the models, versions, states and errors of a server.")
     parser.add_argument(
         "--address", default="localhost:9000", help="HOST:PORT of the gRPC port (default localhost:9000)"

@@ -1,14 +1,16 @@
-"""Tensor metadata shared by the runtime and the front ends: names, KServe datatypes, shapes with dynamic dims."""
+"""Tensor metadata shared by the runtime and the front ends: names, KServe datatypes, shapes with dynamic dims.
+
+Plain data: nothing here needs OpenVINO (engine/served.py turns OpenVINO ports into these).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import openvino as ov
 
 # OpenVINO element type name → KServe v2 datatype.
-_OV_TO_KSERVE = {
+OV_TO_KSERVE = {
     "f64": "FP64", "f32": "FP32", "f16": "FP16", "bf16": "BF16",
     "i64": "INT64", "i32": "INT32", "i16": "INT16", "i8": "INT8",
     "u64": "UINT64", "u32": "UINT32", "u16": "UINT16", "u8": "UINT8",
@@ -58,16 +60,6 @@ def _dim_text(lo: int, hi: int) -> str:
     if lo == 0 and hi == -1:
         return "-1"
     return f"[{lo}~{hi}]"
-
-
-def spec_of(port: ov.Output, batch_index: int) -> TensorSpec:
-    shape = port.get_partial_shape()
-    bounds = None
-    if shape.rank.is_static:
-        bounds = tuple((d.get_min_length(), d.get_max_length()) for d in shape)
-    return TensorSpec(
-        port.any_name, _OV_TO_KSERVE.get(port.element_type.get_type_name(), "UNKNOWN"), bounds, batch_index
-    )
 
 
 def shape_text(shape: tuple[int, ...] | list[int]) -> str:

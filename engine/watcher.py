@@ -15,6 +15,8 @@ from pathlib import Path
 
 import watchfiles
 
+from .supervise import Supervisor
+
 log = logging.getLogger("hotserve.watcher")
 
 STEP_MS = 20  # an event burst ends after this much quiet...
@@ -35,23 +37,17 @@ class Watcher:
         self._trigger = trigger
         self._poll_seconds = poll_seconds
         self._force_polling = force_polling
-        self._tasks: list[asyncio.Task[None]] = []
         self.events = 0  # event batches seen (tests and metrics)
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor) -> None:
+        """Run the watch and the rescan under `supervisor`: a crash is logged and the loop restarts."""
         if self._poll_seconds <= 0:
             log.info("File system watching is off (--file_system_poll_wait_seconds 0); reload with SIGHUP or the API")
             return
-        self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._rescan())]
+        supervisor.keep("watcher", self._watch)
+        supervisor.keep("rescan", self._rescan)
         mode = "polling" if self._force_polling else "native events"
         log.info("Watching the config and model folders (%s), rescanning every %g s", mode, self._poll_seconds)
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def _paths(self) -> set[Path]:
         paths = set(self._base_paths())

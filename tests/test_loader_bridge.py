@@ -152,9 +152,23 @@ def test_every_call_reaches_the_loader_once(
     onnx = testloader.load("m", plain_model, 1, {"loader_name": "t", "model_file": "model.onnx", "mode": ""})
     assert counters["live_buffers"] == 1
     assert onnx.kind == "ONNX" and "ONNX" in repr(onnx)
-    testloader.close()  # releases what is still out, then deinit
-    assert (counters["live_buffers"], counters["deinit"]) == (0, 1)
-    assert onnx.released
+    testloader.close()  # loads still live: their buffers may be read elsewhere, so deinit waits for them
+    assert (counters["live_buffers"], counters["deinit"]) == (1, 0)
+    with pytest.raises(LoaderError, match="closed"):
+        testloader.load("m", plain_model, 1, PLAIN_IR)
+    loaded.unload()
+    onnx.unload()  # the last live load: releases its buffer, tells the loader, then deinit
+    assert (counters["live_buffers"], counters["unload_model"], counters["deinit"]) == (0, 3, 1)
+    assert onnx.released and onnx.unloaded
+    onnx.unload()
+    assert counters["unload_model"] == 3, "unload is sent once per load"
+
+
+def test_close_force_releases_and_unloads_what_is_live(plain_model: Path, testloader: Loader, counters: Any) -> None:
+    loaded = testloader.load("m", plain_model, 1, PLAIN_IR)
+    testloader.close(force=True)  # shutdown, once no thread reads the buffers
+    assert loaded.released and loaded.unloaded
+    assert (counters["live_buffers"], counters["unload_model"], counters["deinit"]) == (0, 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -241,9 +255,10 @@ def test_repr_and_errors_never_show_model_bytes(plain_model: Path, testloader: L
 def test_call_log_records_every_call_for_out_of_process_tests(plain_model: Path, build: Path, tmp_path: Path) -> None:
     (tmp_path / "loader.cfg").write_text(f"CALL_LOG {tmp_path / 'calls.log'}\n")
     loader = Loader.open("t", build / "libtestloader.so", tmp_path / "loader.cfg")
-    loader.load("m", plain_model, 1, PLAIN_IR).release()
+    loaded = loader.load("m", plain_model, 1, PLAIN_IR)
+    loaded.release()
     loader.is_blacklisted("m", 1)
-    loader.unload_model("m", 1)
+    loaded.unload()
     loader.retire_model("m")
     loader.close()
     assert (tmp_path / "calls.log").read_text().splitlines() == [

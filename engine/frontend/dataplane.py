@@ -13,11 +13,12 @@ import numpy as np
 
 from ..errors import Code, ServingError
 from ..registry import Model, Registry, Slot
-from ..runtime import ServedVersion
+from ..served import ServedVersion
 from ..status import ReloadResult, State, VersionStatus
 from ..tensors import TensorSpec, shape_text
 
 PLATFORM = "OpenVINO"
+RESHAPE_ATTEMPTS = 2  # a reshape a concurrent reload superseded is tried once more
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class DataPlane:
         registry: Registry,
         reload: Callable[[], Awaitable[ReloadResult]],
         last_result: Callable[[], ReloadResult | None],
-        reshape: Callable[[str, int, dict[str, tuple[int, ...]]], Awaitable[None]],
+        reshape: Callable[[str, int, dict[str, tuple[int, ...]]], Awaitable[bool]],
         observe: Callable[[str, int | None, str, bool, float], None] | None = None,
     ) -> None:
         self._observe = observe  # metrics: (model, version, api, ok, seconds)
@@ -141,13 +142,13 @@ class DataPlane:
     async def _infer(
         self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str]
     ) -> tuple[int, list[Tensor]]:
-        for attempt in range(2):
+        for attempt in range(RESHAPE_ATTEMPTS + 1):
             async with self.registry.lease(name, version) as slot:
                 served = slot.served
                 assert served is not None
                 started = time.perf_counter_ns()
                 try:
-                    feed = validate(served, inputs, reshape_allowed=attempt == 0)
+                    feed = validate(served, inputs, reshape_allowed=attempt < RESHAPE_ATTEMPTS)
                     if isinstance(feed, Reshape):
                         number = served.version
                     else:
@@ -165,9 +166,9 @@ class DataPlane:
                         Tensor(served.outputs[i].name, served.outputs[i].datatype, tuple(results[i].shape), results[i])
                         for i in order
                     ]
-            await self._reshape(name, number, feed.shapes)
+            await self._reshape(name, number, feed.shapes)  # False: a reload replaced it meanwhile; look again
             version = number
-        raise AssertionError("unreachable: the second attempt never asks for a reshape")
+        raise AssertionError("unreachable: the last attempt never asks for a reshape")
 
 
 def _output_order(served: ServedVersion, requested: Sequence[str]) -> list[int]:

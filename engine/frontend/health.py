@@ -9,7 +9,6 @@ polling the registry sees all of them while nothing on the loading path knows ab
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +26,6 @@ class Health:
         self.plane = plane
         self.servicer = health.aio.HealthServicer()
         self._known: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
         self._draining: asyncio.Task[None] | None = None  # keeps drain()'s task referenced until it is done
 
     def register(self, server: grpc.aio.Server) -> str:
@@ -48,22 +46,19 @@ class Health:
     async def start(self) -> None:
         """Call before the gRPC server starts: grpcio's servicer answers "" SERVING until told otherwise."""
         await self.sync()
-        self._task = asyncio.create_task(self._run())
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Keep the statuses in step with the registry (run under the server's supervisor)."""
         while True:
             await self.sync()
             await asyncio.sleep(SYNC_SECONDS)
 
     def drain(self) -> None:
-        """Every name NOT_SERVING from the next loop step on (Watch streams are told), and for good."""
-        self._draining = asyncio.create_task(self.stop())
+        """Every name NOT_SERVING from the next loop step on (Watch streams are told), and for good: the sync
+        loop keeps running until stop() but the servicer ignores it from then on."""
+        self._draining = asyncio.create_task(self.servicer.enter_graceful_shutdown())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         await self.servicer.enter_graceful_shutdown()  # idempotent: drain() may have run it already
 
 
