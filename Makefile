@@ -1,5 +1,6 @@
 # make serve  — set up if needed, then serve configs/models.json on gRPC port 9000
 # make test   — set up if needed, then run the test suite
+# make fuzz   — coverage-guided fuzzing with atheris (FUZZ_TARGET=tensor|rest|kserve|config, FUZZ_RUNS); not in CI
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ BUILD  := $(CURDIR)/build
 CONFIG ?= configs/models.json
 PORT   ?= 9000
 
-.PHONY: setup serve test bench protos loaders lint clean image image-test
+.PHONY: setup serve test bench fuzz protos loaders lint clean image image-test
 
 setup: $(STAMP) loaders configs/models/dummy/1/model.xml configs/models/dummy-encrypted/1/model.xml.enc
 
@@ -35,7 +36,15 @@ bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/reload.py
+	$(BIN)/python benchmarks/soak.py
+	$(BIN)/python benchmarks/hostile.py
 	$(BIN)/python benchmarks/fleet.py
+
+FUZZ_TARGET ?= tensor
+FUZZ_RUNS   ?= 200000
+fuzz: setup
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	$(BIN)/python tests/fuzz_atheris.py $(FUZZ_TARGET) -runs=$(FUZZ_RUNS)
 
 # make image       — build the container image (podman or docker; see deploy/image.py). Not part of `make test`.
 # make image-test  — run it against the default config and check both sample models answer

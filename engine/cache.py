@@ -76,6 +76,8 @@ class ModelCache:
         self._lock = threading.Lock()
         self._index = root / ".fingerprints.json"
         self._load_index()
+        self._stats = (0, 0)
+        self.refresh_stats()
 
     @classmethod
     def open(
@@ -142,18 +144,36 @@ class ModelCache:
         for path in files:
             h.update(self.digest(path).encode())
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
-        folder = self.root / safe / h.hexdigest()[:24]
+        folder = self.inside(self.root / safe / h.hexdigest()[:24])
         folder.mkdir(parents=True, exist_ok=True)
         os.utime(folder)
         return folder
 
+    def inside(self, path: Path) -> Path:
+        """`path`, checked to be a strict descendant of the cache dir (model names are validated; this is the net)."""
+        resolved = path.resolve()
+        if resolved == self.root.resolve() or not resolved.is_relative_to(self.root.resolve()):
+            raise RuntimeError(f"cache path {path} is outside the cache dir {self.root}")
+        return path
+
     # ---- size limit ----
     def stats(self) -> tuple[int, int]:
-        """(total bytes of blobs, blob count)."""
-        blobs = [p for p in self.root.rglob("*.blob") if p.is_file()]
-        return sum(p.stat().st_size for p in blobs), len(blobs)
+        """(total bytes of blobs, blob count) as of the last load: /metrics reads this, never the disk."""
+        return self._stats
+
+    def refresh_stats(self) -> None:
+        """Walk the cache dir (slow on NFS): called from the load threads, never from the event loop."""
+        with contextlib.suppress(OSError):
+            sizes = [p.stat().st_size for p in self.root.rglob("*.blob") if p.is_file()]
+            self._stats = (sum(sizes), len(sizes))
 
     def enforce_limit(self, keep: Path | None = None) -> None:
+        try:
+            self._evict(keep)
+        finally:
+            self.refresh_stats()
+
+    def _evict(self, keep: Path | None) -> None:
         if self.size_limit is None:
             return
         folders = [d for m in self.root.iterdir() if m.is_dir() for d in m.iterdir() if d.is_dir()]
@@ -164,7 +184,7 @@ class ModelCache:
                 break
             if keep is not None and folder == keep:
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self.inside(folder), ignore_errors=True)
             total -= sizes[folder]
             log.info(
                 "Cache size limit %d bytes exceeded: evicted %s (%d bytes)", self.size_limit, folder, sizes[folder]
@@ -179,7 +199,10 @@ def compile_model(
         return core.compile_model(_source(source), device, dict(config)), False
     try:
         compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
-        return compiled, _loaded_from_cache(compiled)
+        from_cache = _loaded_from_cache(compiled)
+        if not from_cache:
+            _check_blob_written(cache_dir)
+        return compiled, from_cache
     except RuntimeError as exc:
         log.warning("Compiling with the cache in %s failed (%s); clearing it and compiling without", cache_dir,
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)  # fmt: skip
@@ -188,6 +211,29 @@ def compile_model(
                 blob.unlink()
     compiled = core.compile_model(_source(source), device, dict(config))
     return compiled, False
+
+
+_no_blob_said: set[Path] = set()  # cache roots already warned about: said once, again only after it worked
+
+
+def _check_blob_written(cache_dir: Path) -> None:
+    """OpenVINO writes no blob, silently, when the disk is full: notice it, say it once with the free space."""
+    root = cache_dir.parent.parent
+    if any(cache_dir.glob("*.blob")):
+        _no_blob_said.discard(root)
+        return
+    if root in _no_blob_said:
+        return
+    _no_blob_said.add(root)
+    try:
+        free = f"{shutil.disk_usage(cache_dir).free / (1 << 20):.1f} MiB free"
+    except OSError as exc:
+        free = f"free space unknown: {exc.strerror}"
+    log.warning(
+        "Model cache in %s is not working: OpenVINO wrote no compiled blob into %s (%s; is the disk full?). "
+        "Models still load, compiled afresh every time",
+        root, cache_dir, free,
+    )  # fmt: skip
 
 
 def _source(source: ov.Model | Path) -> ov.Model | str:

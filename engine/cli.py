@@ -14,6 +14,12 @@ COMMANDS = ("serve", "validate", "status", "keygen", "encrypt")
 MODEL_PARAMS = ("batch_size", "shape", "layout", "nireq", "model_version_policy", "target_device", "plugin_config")
 
 
+def safe_line(value: object) -> str:
+    from .safe_text import safe
+
+    return safe(value, None)
+
+
 def _serve_parser() -> Parser:
     p = Parser(prog="hotserve serve", description="Serve OpenVINO models over gRPC (OVMS flag names).")
     p.add_argument("--config_path", type=Path, help="models.json (a folder means its models.json or config.json)")
@@ -29,6 +35,10 @@ def _serve_parser() -> Parser:
     p.add_argument("--cache_size_limit", help="evict least-recently-used cache entries above this size (e.g. 10G)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="rescan interval; 0 = no watching")
     p.add_argument("--watch_mode", choices=["auto", "poll"], default="auto", help="poll: for NFS/fuse without inotify")
+    p.add_argument("--max_request_mb", type=int, default=256, help="largest request body, in MiB (default 256)")
+    p.add_argument("--tls_cert", type=Path, help="PEM certificate (chain): TLS on both ports; needs --tls_key")
+    p.add_argument("--tls_key", type=Path, help="PEM private key of --tls_cert (unencrypted)")
+    p.add_argument("--tls_client_ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS)")
     p.add_argument("--drain_seconds", type=float, default=5.0, help="SIGTERM: serve on this long, not ready (0 = no)")
     for name in MODEL_PARAMS:
         p.add_argument(f"--{name}", help="single-model mode only")
@@ -38,6 +48,7 @@ def _serve_parser() -> Parser:
 def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
     from . import cache, config
     from .server import Settings
+    from .tls import TlsFiles
 
     args = _serve_parser().parse_args(argv)
     given = {n: getattr(args, n) for n in MODEL_PARAMS if getattr(args, n) is not None}
@@ -61,6 +72,16 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError("--drain_seconds must be >= 0 (0 skips the drain window)")
     if args.file_system_poll_wait_seconds < 0:
         raise UsageError("--file_system_poll_wait_seconds must be >= 0 (0 disables watching)")
+    if not 1 <= args.max_request_mb <= 2047:
+        raise UsageError("--max_request_mb must be between 1 and 2047")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls_cert and --tls_key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise UsageError("--tls_client_ca needs --tls_cert and --tls_key (mTLS is TLS with client certificates)")
+    tls = None
+    if args.tls_cert is not None:
+        tls = TlsFiles(args.tls_cert.absolute(), args.tls_key.absolute(),
+                       args.tls_client_ca.absolute() if args.tls_client_ca else None)  # fmt: skip
     limit = None
     if args.cache_size_limit is not None:
         try:
@@ -109,11 +130,14 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         grpc_workers=args.grpc_workers,
         log_level=args.log_level,
         drain_seconds=args.drain_seconds,
+        max_request_mb=args.max_request_mb,
+        tls=tls,
     )
 
 
 def _validate(argv: Sequence[str]) -> int:
     from . import config
+    from .safe_text import safe
 
     p = Parser(prog="hotserve validate", description="Check a models.json without serving it.")
     p.add_argument("path", type=Path)
@@ -122,9 +146,9 @@ def _validate(argv: Sequence[str]) -> int:
     if errors:
         for error in errors:
             print(error)
-        print(f"{args.path}: {len(errors)} error(s)", file=sys.stderr)
+        print(f"{safe(args.path, None)}: {len(errors)} error(s)", file=sys.stderr)
         return 1
-    print(config.summary(config.load(args.path)))
+    print(safe(config.summary(config.load(args.path)), None))
     return 0
 
 
@@ -150,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return encrypt_main([command, *argv])
     except UsageError as exc:
-        print(f"hotserve {command}: {exc}", file=sys.stderr)
+        print(f"hotserve {command}: {safe_line(exc)}", file=sys.stderr)
         return EX_USAGE
 
 

@@ -131,6 +131,20 @@ def _frozen(value: Mapping[Any, Any] | None) -> object:
 
 
 # ---- semantic checks and normalisation ----
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}")
+MODEL_NAME_RULE = (
+    "a model name is 1 to 255 characters: letters A-Z a-z, digits, '_', '.', ':' and '-', not starting with "
+    "'.', ':' or '-', without '..' (it names a cache folder, a URL path segment and a metrics label)"
+)
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a model's name, or None: names become paths, URLs and log text."""
+    if MODEL_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return f"invalid model name {json.dumps(name)}: {MODEL_NAME_RULE}"
+
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -251,6 +265,12 @@ def build(doc: Mapping[str, Any], path: Path, digest: str, file: str | None = No
     for i, item in enumerate(doc["model_config_list"]):
         raw, pointer = item["config"], f"/model_config_list/{i}/config"
         name = raw["name"]
+        bad_name = name_problem(name)
+        if bad_name:
+            entry = _Entry(file, pointer, model=name)
+            entry.error("name", bad_name)
+            model_errors.setdefault(name, []).extend(entry.errors)
+            continue
         if name in first_at:
             message = (
                 f"Duplicated model names: {name} is defined at {first_at[name]} and again at {pointer}. "
@@ -349,6 +369,8 @@ def single_model(name: str, model_path: Path | str, **overrides: object) -> Conf
         raise ValueError(f"unknown model parameter(s): {', '.join(unknown)}")
     if not name:
         raise ValueError("model_name must not be empty")
+    if name_problem(name):
+        raise ValueError(name_problem(name))
     text = os.fspath(model_path)
     if _SCHEME.match(text):
         raise ValueError(f"model_path {text}: remote storage is not supported (s3://, gs://, azure://…)")

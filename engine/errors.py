@@ -34,6 +34,7 @@ class Code(Enum):
     CONFIG_FROM_FILE_ONLY = ("models.json is the source of truth; edit it instead", "FAILED_PRECONDITION", 412)
     UNIMPLEMENTED = ("Not implemented", "UNIMPLEMENTED", 501)
     INTERNAL_ERROR = ("Internal server error", "INTERNAL", 500)
+    REQUEST_TOO_LARGE = ("Request is larger than --max_request_mb", "RESOURCE_EXHAUSTED", 413)
     SHUTTING_DOWN = ("Server is shutting down", "UNAVAILABLE", 503)
 
     @property
@@ -56,3 +57,6 @@ class ServingError(Exception):
         self.code = code
         self.detail = detail
         super().__init__(f"{code.message} - {detail}" if detail else code.message)
+
+    def __reduce__(self) -> tuple[type[ServingError], tuple[Code, str]]:
+        return ServingError, (self.code, self.detail)  # raised in the decoder process, re-raised in the server

@@ -58,8 +58,9 @@ class Applied:
 class Hooks:
     """Test seam: called at fixed points of a version's life. Production uses these no-ops.
 
-    Points in a worker thread: "compile" (before the loader and OpenVINO), "compiled" (after), "free" (before the
-    compiled model is dropped and the loader told). On the event loop: "drain" (before waiting for requests).
+    Points in a worker thread: "compile" (before the loader and OpenVINO), "loaded" (a loader's buffers handed over,
+    before OpenVINO reads them), "compiled" (after), "free" (before the compiled model is dropped and the loader
+    told). On the event loop: "drain" (before waiting for requests).
     """
 
     def thread(self, point: str, name: str, version: int) -> None:
@@ -130,6 +131,8 @@ class Lifecycle:
             except LoaderError as exc:
                 raise LoadError(f"{exc.version_error} - {exc}") from None
         try:
+            if loaded is not None:
+                self.hooks.thread("loaded", name, version)
             served = self.runtime.load(applied.model, version, Source(applied.path, loaded), shapes)
         except BaseException:
             if loaded is not None:
@@ -206,6 +209,11 @@ class VersionLife:
     @property
     def busy(self) -> bool:
         return self._busy > 0
+
+    @property
+    def busy_count(self) -> int:
+        """Compiles running plus compiles draining or being freed."""
+        return self._busy
 
     @property
     def ended(self) -> bool:

@@ -234,6 +234,7 @@ class Reconciler:
         quiet = await asyncio.to_thread(self._quiet_times, model.name, scan)
         now = time.time()
         available = {v for v in scan.versions if self._ready_on_disk(model.name, v, quiet, now)}
+        being_written = set(scan.versions) - available  # still on disk: not a reason to retire what is registered
         if loader is not None:
             available = await self.lifecycle.in_loader_thread(_not_blacklisted, loader, model.name, available)
         generation = self.loaders.generation(model)
@@ -263,7 +264,7 @@ class Reconciler:
                     failed.add(version)
                     errors.append(f"model {model.name} version {version}: {error}")
             stale -= set(todo)
-        retire = plan.retire - failed - held
+        retire = plan.retire - failed - held - being_written
         for version in retire:
             changed |= self.lifecycle.life(model.name, version).retire()
         return changed, errors
@@ -349,6 +350,10 @@ class Reconciler:
         await self.lifecycle.settle()
 
     # ---- shutdown ----
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     async def quiesce(self) -> None:
         """No more reconciles: later triggers answer "shutting down"; the running one finishes (no new compiles)."""
         self._closing = True

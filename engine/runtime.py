@@ -13,9 +13,14 @@ import openvino as ov
 from . import cache as cache_rules
 from . import versions
 from .config import AUTO, ModelConfig
+from .plaintext import owned_copy
 from .served import ServedVersion
 
 log = logging.getLogger("hotserve.modelmanager")
+
+
+RESHAPE_FAILED = "Model could not be reshaped with requested shape"
+WITHHELD = "OpenVINO's message is withheld for a custom-loader model (it may quote the decrypted model)"
 
 
 class LoadError(Exception):
@@ -112,7 +117,7 @@ def _reshape(ov_model: ov.Model, model: ModelConfig, requested: Mapping[str, tup
         try:
             ov_model.reshape(shapes)
         except RuntimeError as exc:
-            raise LoadError(f"Model could not be reshaped with requested shape: {_first_line(exc)}") from None
+            raise LoadError(f"{RESHAPE_FAILED}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -156,8 +161,9 @@ class Runtime:
         device = self.device_override or model.target_device
         decision = cache_rules.decide(model, self.cache)
         try:
+            plaintext = None  # a loader model's weights: the compiled model points into them (plaintext.py)
             if source.loaded is not None:
-                ov_model = self._read_loaded(source.loaded)
+                ov_model, plaintext = self._read_loaded(source.loaded)
                 source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext right away
                 files: list[Path] = []
             else:
@@ -183,17 +189,22 @@ class Runtime:
             compiled, from_cache = cache_rules.compile_model(
                 self.core, target, device, _plugin_config(model), cache_dir
             )
+            if plaintext is not None:
+                compiled.plaintext_weights = plaintext  # lives (and is wiped) with the compiled model
             if cache_dir is not None and self.cache is not None:
                 try:
                     self.cache.enforce_limit(keep=cache_dir)
                 except OSError as exc:  # e.g. another process evicting the same folders: the load still stands
                     log.warning("Model cache %s: size limit not enforced: %s", self.cache.root, exc)
-        except LoadError:
+        except LoadError as exc:
+            if source.loaded is not None and str(exc).startswith(RESHAPE_FAILED):
+                raise LoadError(f"{RESHAPE_FAILED}: {WITHHELD}") from None
             raise
         except versions.ModelFilesError as exc:
             raise LoadError(str(exc)) from None
         except RuntimeError as exc:
-            raise LoadError(f"Cannot compile model into target device {device}: {_first_line(exc)}") from None
+            reason = _first_line(exc) if source.loaded is None else WITHHELD
+            raise LoadError(f"Cannot compile model into target device {device}: {reason}") from None
         finally:
             if source.loaded is not None:
                 source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext now
@@ -241,14 +252,16 @@ class Runtime:
             log.warning("Model %s: cache folder not usable (%s); compiling without the cache", model.name, exc)
             return None
 
-    def _read_loaded(self, loaded: object) -> ov.Model:
+    def _read_loaded(self, loaded: object) -> tuple[ov.Model, np.ndarray | None]:
         kind = loaded.kind  # type: ignore[attr-defined]
         try:
             if kind == "IR":
                 xml, weights = loaded.ir_inputs()  # type: ignore[attr-defined]
-                # ov.Tensor copies: the compiled model must not point into memory the loader is about to wipe
-                return self.core.read_model(xml, ov.Tensor(weights))
-            return self.core.read_model(loaded.onnx_input(), ov.Tensor(np.empty(0, np.uint8)))  # type: ignore[attr-defined]
+                # OpenVINO does not copy shared weights, nor keep them alive: the caller keeps this copy (wiped on free)
+                plaintext = owned_copy(weights)
+                return self.core.read_model(xml, ov.Tensor(plaintext, shared_memory=True)), plaintext
+            empty = ov.Tensor(np.empty(0, np.uint8))
+            return self.core.read_model(loaded.onnx_input(), empty), None  # type: ignore[attr-defined]
         except (RuntimeError, TypeError):
             # OpenVINO's text may quote the model; say only what kind of failure it was.
             raise LoadError(f"the custom loader returned a model OpenVINO cannot read ({kind})") from None

@@ -5,8 +5,11 @@ Any problem here is file-level (ConfigInvalid): nothing of the file may be appli
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -15,7 +18,12 @@ from typing import Any
 
 import jsonschema
 
+from . import safe_json
+from .safe_text import safe
+
 SCHEMA_PATH = Path(__file__).resolve().parent / "models.schema.json"  # a link to schemas/, a copy in the wheel
+MAX_DEPTH = 32  # a models.json nests about 6 deep; anything near Python's recursion limit is refused first
+MAX_BYTES = 64 << 20  # a config of thousands of models is well under a megabyte
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class ConfigError:
             where += f" (model {self.model!r})"
         if self.loader is not None:
             where += f" (loader {self.loader!r})"
-        return f"{where}: {self.message}"
+        return safe(f"{where}: {self.message}", limit=None)  # one printable line, whatever the file held
 
 
 class ConfigInvalid(Exception):
@@ -145,20 +153,33 @@ def _schema_errors(doc: Any, file: str) -> list[ConfigError]:
 
 
 def _sort_key(pointer: str) -> list[tuple[int, int | str]]:
-    return [(0, int(p)) if p.isdigit() else (1, p) for p in pointer.split("/")[1:]]
+    return [(0, int(p)) if p.isascii() and p.isdigit() else (1, p) for p in pointer.split("/")[1:]]  # not "²"
+
+
+def read_regular(path: Path) -> bytes:
+    """A regular file's bytes; a FIFO or device would block or never end, so it is refused before reading."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if os.fstat(fd).st_size > MAX_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_BYTES >> 20} MiB")
+        return f.read(MAX_BYTES + 1)
 
 
 def read(path: Path | str) -> tuple[Any, str]:
     """Parse and schema-check the file; returns (document, sha256). Raises ConfigInvalid listing every error."""
     file = str(path)
     try:
-        raw = Path(path).read_bytes()
+        raw = read_regular(Path(path))
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigInvalid([ConfigError(file, "", f"Config file not found or cannot open: {reason}")]) from None
     digest = hashlib.sha256(raw).hexdigest()
     try:
-        doc = json.loads(raw, object_pairs_hook=_pairs, parse_constant=_no_constants)
+        doc = safe_json.loads(raw, MAX_DEPTH, object_pairs_hook=_pairs, parse_constant=_no_constants)
+    except safe_json.TooDeep as exc:
+        raise ConfigInvalid([ConfigError(file, "", f"not a models.json: {exc}")]) from None
     except json.JSONDecodeError as exc:
         message = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         raise ConfigInvalid([ConfigError(file, "", message)]) from None

@@ -18,15 +18,17 @@ from aiohttp import web
 from . import cache as cache_rules
 from . import config as config_mod
 from .config import Config, ConfigInvalid
-from .frontend import kserve, rest, tfs
+from .frontend import kserve, offload, rest, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
 from .metrics import Metrics
 from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
+from .schema import read_regular
 from .status import ReloadResult
 from .supervise import Supervisor
+from .tls import Certificates, TlsError, TlsFiles
 from .watcher import Watcher
 
 log = logging.getLogger("hotserve.server")
@@ -56,6 +58,8 @@ class Settings:
     grpc_workers: int = 1
     log_level: str = "INFO"
     drain_seconds: float = DRAIN_SECONDS
+    max_request_mb: int = 256
+    tls: TlsFiles | None = None
 
 
 def setup_logging(level: str) -> None:
@@ -91,7 +95,7 @@ class _FileSource:
     def __call__(self) -> Config:
         if self._last is not None:
             try:
-                unchanged = hashlib.sha256(self.path.read_bytes()).hexdigest() == self._last.digest
+                unchanged = hashlib.sha256(read_regular(self.path)).hexdigest() == self._last.digest
             except OSError:
                 unchanged = False
             if unchanged:
@@ -103,6 +107,7 @@ class _FileSource:
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.certificates = Certificates(settings.tls) if settings.tls is not None else None  # TlsError: no start
         self.source = config_source(settings)
         cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
         self.registry = Registry()
@@ -138,10 +143,11 @@ class Server:
         return {m.base_path for m in self.reconciler.config.models} if self.reconciler.config else set()
 
     async def start(self) -> None:
+        max_request = self.settings.max_request_mb << 20
         self.grpc = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", max_request),  # RESOURCE_EXHAUSTED before any decoding
                 ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
             ]
         )
@@ -151,17 +157,25 @@ class Server:
         await self.health.start()  # "" NOT_SERVING before the first RPC can ask
         address = f"{self.settings.grpc_bind_address}:{self.settings.port}"
         try:
-            self.port = self.grpc.add_insecure_port(address)
+            if self.certificates is not None:
+                self.port = self.grpc.add_secure_port(address, self.certificates.grpc_credentials())
+            else:
+                self.port = self.grpc.add_insecure_port(address)
         except RuntimeError as exc:
             raise SystemExit(
                 f"Cannot start gRPC server on {address}: port is busy or the address is invalid ({exc})"
             ) from None
         await self.grpc.start()
-        log.info("Started gRPC server on port %d", self.port)
+        log.info("Started gRPC server on port %d%s", self.port, " (TLS)" if self.certificates else "")
         if self.settings.rest_port:
             try:
                 self.rest = await rest.start(
-                    self.plane, self.settings.rest_bind_address, self.settings.rest_port, self.metrics.render
+                    self.plane,
+                    self.settings.rest_bind_address,
+                    self.settings.rest_port,
+                    self.metrics.render,
+                    max_request,
+                    self.certificates.ssl_context() if self.certificates is not None else None,
                 )
             except OSError as exc:
                 raise SystemExit(
@@ -231,6 +245,7 @@ class Server:
             await self._step("stopping the REST server", self.rest.cleanup())
         if self.grpc is not None:
             await self._step("stopping the gRPC server", self.grpc.stop(SHUTDOWN_GRACE_SECONDS))
+        offload.shutdown()  # the request decoders: no request is left to decode
         await self._step("freeing the models and loaders", self.reconciler.close())
         log.info("Shutdown complete")
 
@@ -264,4 +279,8 @@ def serve(settings: Settings) -> int:
             log.error("%s", error)
         log.error("Configuration is invalid; not starting (%d error(s))", len(errors))
         return 1
-    return asyncio.run(Server(settings).run())
+    try:
+        return asyncio.run(Server(settings).run())
+    except TlsError as exc:
+        log.error("Cannot start with TLS: %s", exc)
+        return 1

@@ -30,16 +30,18 @@
  *   hs_loader_load_model         once per load of a model version (first load, reload, re-shape)
  *   hs_loader_release            once per non-NULL buffer that hs_loader_load_model filled
  *   hs_loader_blacklist_status   on every reconcile, for each version the config asks for
- *   hs_loader_unload_model       after a version of a model was freed by the server
+ *   hs_loader_unload_model       once per successful hs_loader_load_model, when nothing compiled from it is left
  *   hs_loader_retire_model       when a model leaves the config (or stops using this loader)
- *   hs_loader_deinit             when the loader entry leaves the config, changes, or at shutdown
+ *   hs_loader_deinit             once the entry left the config or changed and its last load is unloaded; at shutdown
  *   hs_loader_last_error         the reason of the last failure
  *
  * Lifecycle of one handle (what hotserve does, in order):
  *   1. dlopen(library_path, RTLD_NOW | RTLD_LOCAL); check the symbols and hs_loader_abi_version.
  *      The library is never dlclose'd (as in OVMS): a handle may be re-created from the same library.
  *   2. hs_loader_init(loader_config_file or NULL, &handle). If the loader entry changes in the config, a new
- *      handle is initialised first and the old one is deinitialised after the switch.
+ *      handle is initialised first; the models reload through it while their old versions keep serving. The
+ *      old handle gets no new loads and is deinitialised once every version loaded through it has been freed
+ *      and unloaded through it (step 5) -- never while the server may still read one of its buffers.
  *   3. For each version to (re)load: hs_loader_load_model(...) -> the server reads the model from the buffers
  *      (OpenVINO copies what it keeps) -> hs_loader_release(handle, &model) and hs_loader_release(handle,
  *      &weights) right away, before or just after compiling. A buffer is never held while a model serves.
@@ -47,9 +49,14 @@
  *   4. On every reconcile (config change and every poll of the file system), for each version the version
  *      policy wants: hs_loader_blacklist_status(handle, name, version). A blacklisted AVAILABLE version is
  *      retired (END); when the status returns to HS_OK the version is loaded again.
- *   5. hs_loader_unload_model(handle, name, version) after a version is freed (retired, blacklisted, or
- *      replaced by a reload). hs_loader_retire_model(handle, name) when the whole model is gone from the
- *      config. Both are notifications: the loader may drop per-model state; they cannot fail.
+ *   5. hs_loader_unload_model(handle, name, version) exactly once for each successful hs_loader_load_model,
+ *      when nothing compiled from that load is left: the version was freed (retired, blacklisted, or replaced
+ *      by a reload or a re-shape), or the compile was discarded (superseded, shutdown) or failed. Because a
+ *      reload serves before the old compile retires, an unload of a version may arrive after the load that
+ *      replaced it: count loads and unloads per version rather than treating one unload as "version gone".
+ *      Unloads are sent in the order the compiles are freed, from one server thread.
+ *      hs_loader_retire_model(handle, name) when the whole model is gone from the config. Both are
+ *      notifications: the loader may drop per-model state; they cannot fail.
  *   6. hs_loader_deinit(handle) once; no call uses the handle afterwards.
  *
  * ---------------------------------------------------------------------------------------------------------
@@ -155,7 +162,7 @@ HS_LOADER_EXPORT void hs_loader_release(void *handle, hs_buffer *buf);
 /* HS_MODEL_BLACKLISTED when this version must not be served now, else HS_OK. Cheap: called on every poll. */
 HS_LOADER_EXPORT int hs_loader_blacklist_status(void *handle, const char *model_name, int64_t version);
 
-/* Notification: the server freed this version. */
+/* Notification: nothing compiled from one earlier successful load of this version is left (once per load). */
 HS_LOADER_EXPORT void hs_loader_unload_model(void *handle, const char *model_name, int64_t version);
 
 /* Notification: the model left the config (all its versions are being unloaded). */

@@ -16,17 +16,12 @@ from ..registry import Model, Registry, Slot
 from ..served import ServedVersion
 from ..status import ReloadResult, State, VersionStatus
 from ..tensors import TensorSpec, shape_text
+from .tensor import Tensor
+
+__all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "parse_version", "validate"]
 
 PLATFORM = "OpenVINO"
 RESHAPE_ATTEMPTS = 2  # a reshape a concurrent reload superseded is tried once more
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray
 
 
 @dataclass(frozen=True)

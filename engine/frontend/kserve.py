@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
 from .. import __version__
 from ..errors import Code, ServingError
+from ..safe_text import safe
 from ..status import State
-from ..tensors import TensorSpec
-from . import codec
+from ..tensors import KSERVE_TO_NUMPY, TensorSpec
+from . import codec, kserve_wire, offload
 from .dataplane import DataPlane, Tensor, parse_version
 from .generated.inference import grpc_service_pb2 as pb
 from .generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .generated.inference import model_config_pb2 as mc
-from .grpc_errors import guarded
+from .grpc_errors import Replacing, guarded
+from .tensor import make_tensor
 
 SERVER_NAME = "hotserve"
 
@@ -29,6 +32,8 @@ def _config_type(datatype: str) -> int:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    api = "kserve"
+
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
@@ -80,8 +85,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     @guarded
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        inputs = _decode_inputs(request)
+    async def ModelInfer(self, wire: kserve_wire.InferRequest, context: Any) -> pb.ModelInferResponse:
+        request = wire.message
+        inputs = await offload.decode(wire.size, _decode_inputs, request, wire.raw)
         outputs = [o.name for o in request.outputs]
         version, results = await self.plane.infer(
             request.model_name, parse_version(request.model_version), inputs, outputs
@@ -147,8 +153,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise ServingError(Code.CONFIG_FROM_FILE_ONLY, "remove the model from models.json to unload it")
 
 
-def _decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
-    raw = request.raw_input_contents
+def _decode_inputs(request: pb.ModelInferRequest, raw: Sequence[memoryview]) -> list[Tensor]:
     if raw and any(t.HasField("contents") for t in request.inputs):
         raise ServingError(Code.INVALID_MESSAGE_STRUCTURE)
     if raw and len(raw) != len(request.inputs):
@@ -158,17 +163,26 @@ def _decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
         )
     tensors = []
     for i, tensor in enumerate(request.inputs):
-        shape = tuple(tensor.shape)
         if raw:
-            data = codec.decode_raw(tensor.name, tensor.datatype, shape, raw[i])
-        else:
-            field = codec.CONTENTS_FIELD.get(tensor.datatype, "")
-            values = getattr(tensor.contents, field) if field else []
-            data = codec.decode_typed(tensor.name, tensor.datatype, shape, values)
-        tensors.append(Tensor(tensor.name, tensor.datatype, shape, data))
+            tensors.append(make_tensor(tensor.name, tensor.datatype, tensor.shape, raw=raw[i]))
+            continue
+        field = codec.CONTENTS_FIELD.get(tensor.datatype)
+        if field is None and tensor.datatype in KSERVE_TO_NUMPY:
+            raise ServingError(
+                Code.INVALID_MESSAGE_STRUCTURE,
+                f"{tensor.datatype} must be sent in raw_input_contents; input name: {safe(tensor.name)}",
+            )
+        values = getattr(tensor.contents, field) if field else ()
+        tensors.append(make_tensor(tensor.name, tensor.datatype, tensor.shape, values=values))
     return tensors
 
 
 def register(server: grpc.aio.Server, plane: DataPlane) -> str:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(plane), server)
+    servicer = KServeServicer(plane)
+    infer = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=kserve_wire.parse,  # raw contents stay views into the received bytes
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Replacing(server, {"ModelInfer": infer}))
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from .. import __version__
 from ..errors import Code, ServingError
 from ..status import ReloadResult
-from ..tensors import KSERVE_TO_NUMPY, TensorSpec
+from ..tensors import TensorSpec
+from . import offload
+from .client_log import client_errors
 from .dataplane import DataPlane, Tensor, parse_version
 
 SERVER_NAME = "hotserve"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
+DEFAULT_MAX_REQUEST = 256 << 20
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -24,15 +26,18 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable[..., Any]:
-    """ServingError → its HTTP status and {"error": message}; a bad body → 400."""
+    """ServingError → its HTTP status and {"error": message}, logged in one line (rate-limited); a bad body → 400."""
 
     async def wrapper(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except ServingError as exc:
+            client_errors.report("rest", request.match_info.get("name", ""), exc)
             return _error(exc.code.http_status, str(exc))
-        except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, f"invalid request: {exc}")
+        except web.HTTPRequestEntityTooLarge as exc:
+            error = ServingError(Code.REQUEST_TOO_LARGE, f"limit {exc.max_size} bytes")  # aiohttp's own check
+            client_errors.report("rest", request.match_info.get("name", ""), error)
+            return _error(413, str(error))
 
     return wrapper
 
@@ -69,20 +74,6 @@ def _metadata(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
 
 
-def _decode(item: dict[str, Any]) -> Tensor:
-    name, datatype, shape = item["name"], item["datatype"], tuple(int(d) for d in item["shape"])
-    dtype = KSERVE_TO_NUMPY.get(datatype)
-    if dtype is None:
-        raise ServingError(Code.INVALID_PRECISION, f"Unsupported datatype {datatype!r}; input name: {name}")
-    flat = np.asarray(item["data"], dtype=object if datatype == "BYTES" else dtype).reshape(-1)
-    count = int(np.prod(shape)) if shape else 1
-    if flat.size != count:
-        raise ServingError(Code.INVALID_VALUE_COUNT, f"Expected: {count}; Actual: {flat.size}; input name: {name}")
-    if datatype == "BYTES":
-        flat = np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
-    return Tensor(name, datatype, shape, flat.reshape(shape))
-
-
 def _encode(tensor: Tensor) -> dict[str, Any]:
     data = tensor.data.reshape(-1)
     values = (
@@ -93,7 +84,9 @@ def _encode(tensor: Tensor) -> dict[str, Any]:
     return {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape), "data": values}
 
 
-def app(plane: DataPlane, metrics: Callable[[], bytes] | None = None) -> web.Application:
+def app(
+    plane: DataPlane, metrics: Callable[[], bytes] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST
+) -> web.Application:
     routes = web.RouteTableDef()
 
     @routes.get("/v1/config")
@@ -150,19 +143,18 @@ def app(plane: DataPlane, metrics: Callable[[], bytes] | None = None) -> web.App
     @routes.post("/v2/models/{name}/versions/{version}/infer")
     @_guarded
     async def infer(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"body is not JSON: {exc}") from None
+        if request.content_length is not None and request.content_length > max_request_bytes:
+            raise ServingError(
+                Code.REQUEST_TOO_LARGE, f"{request.content_length} bytes; limit {max_request_bytes} bytes"
+            )
+        body = await offload.infer_body(await request.read())
         name = request.match_info["name"]
-        inputs = [_decode(item) for item in body["inputs"]]
-        wanted = [o["name"] for o in body.get("outputs", [])]
         version, outputs = await plane.infer(
-            name, parse_version(request.match_info.get("version", "")), inputs, wanted, api="rest"
+            name, parse_version(request.match_info.get("version", "")), body.inputs, body.outputs, api="rest"
         )
         response = {"model_name": name, "model_version": str(version), "outputs": [_encode(t) for t in outputs]}
-        if "id" in body:
-            response["id"] = body["id"]
+        if body.has_id:
+            response["id"] = body.id
         return web.json_response(response)
 
     if metrics is not None:
@@ -171,15 +163,22 @@ def app(plane: DataPlane, metrics: Callable[[], bytes] | None = None) -> web.App
         async def scrape(request: web.Request) -> web.Response:
             return web.Response(body=metrics(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    application = web.Application(client_max_size=1 << 30)
+    application = web.Application(client_max_size=max_request_bytes)
     application.add_routes(routes)
     return application
 
 
-async def start(plane: DataPlane, host: str, port: int, metrics: Callable[[], bytes] | None) -> web.AppRunner:
-    runner = web.AppRunner(app(plane, metrics), access_log=None)
+async def start(
+    plane: DataPlane,
+    host: str,
+    port: int,
+    metrics: Callable[[], bytes] | None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST,
+    ssl_context: ssl.SSLContext | None = None,
+) -> web.AppRunner:
+    runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=False)
+    site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=ssl_context)
     await site.start()
     return runner
 

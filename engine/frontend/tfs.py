@@ -5,14 +5,17 @@ PredictionService: Predict, GetModelMetadata. ModelService: GetModelStatus, Hand
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 
 from ..errors import Code, ServingError
+from ..safe_text import safe
 from ..status import ErrorCode
-from ..tensors import KSERVE_TO_NUMPY, TensorSpec, shape_text
+from ..tensors import TensorSpec
+from . import offload
 from .dataplane import DataPlane, Tensor
 from .generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from .generated.tensorflow.core.protobuf import meta_graph_pb2
@@ -26,7 +29,8 @@ from .generated.tensorflow_serving.apis import (
     prediction_service_pb2,
     prediction_service_pb2_grpc,
 )
-from .grpc_errors import guarded
+from .grpc_errors import Replacing, guarded
+from .tensor import make_tensor
 
 SIGNATURE = "serving_default"
 _TF_TO_KSERVE = {
@@ -54,42 +58,26 @@ def datatype_of(dtype: int, name: str) -> str:
     dtype_name = types_pb2.DataType.Name(dtype) if dtype in types_pb2.DataType.values() else str(dtype)
     datatype = _TF_TO_KSERVE.get(dtype_name)
     if datatype is None:
-        raise ServingError(Code.INVALID_PRECISION, f"Unsupported dtype {dtype_name}; input name: {name}")
+        raise ServingError(Code.INVALID_PRECISION, f"Unsupported dtype {dtype_name}; input name: {safe(name)}")
     return datatype
 
 
 def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
     """tensor_content (raw, zero-copy) or the typed *_val field; the value count must match the shape exactly."""
     datatype = datatype_of(proto.dtype, name)
-    shape = tuple(d.size for d in proto.tensor_shape.dim)
-    if any(d < 0 for d in shape):
-        raise ServingError(
-            Code.INVALID_SHAPE, f"Negative or zero dimension size is not acceptable: {shape_text(shape)}"
-        )
-    count = int(np.prod(shape)) if shape else 1
+    shape = [d.size for d in proto.tensor_shape.dim]
     if proto.tensor_content:
         if datatype == "BYTES":
             raise ServingError(
                 Code.INVALID_CONTENT_SIZE,
-                f"DT_STRING must be sent in string_val, not tensor_content; input name: {name}",
+                f"DT_STRING must be sent in string_val, not tensor_content; input name: {safe(name)}",
             )
-        dtype = KSERVE_TO_NUMPY[datatype]
-        expected, actual = count * dtype.itemsize, len(proto.tensor_content)
-        if actual != expected:
-            detail = f"Expected: {expected} bytes; Actual: {actual} bytes; input name: {name}"
-            raise ServingError(Code.INVALID_CONTENT_SIZE, detail)
-        return Tensor(name, datatype, shape, np.frombuffer(proto.tensor_content, dtype).reshape(shape))
-    values = getattr(proto, _VALUES[datatype])
-    if len(values) != count:
-        raise ServingError(Code.INVALID_VALUE_COUNT, f"Expected: {count}; Actual: {len(values)}; input name: {name}")
-    if datatype == "BYTES":
-        data = np.empty(count, dtype=object)
-        data[:] = list(values)
-    elif datatype == "FP16":  # half_val carries the IEEE half bit patterns, one per int32
-        data = np.asarray(values, np.uint16).view(np.float16)
-    else:
-        data = np.asarray(values, KSERVE_TO_NUMPY[datatype])
-    return Tensor(name, datatype, shape, data.reshape(shape))
+        return make_tensor(name, datatype, shape, raw=proto.tensor_content)
+    return make_tensor(name, datatype, shape, values=getattr(proto, _VALUES[datatype]), half_bits=datatype == "FP16")
+
+
+def _decode_all(request: predict_pb2.PredictRequest) -> list[Tensor]:
+    return [decode(name, proto) for name, proto in request.inputs.items()]
 
 
 def encode(tensor: Tensor) -> tensor_pb2.TensorProto:
@@ -109,15 +97,18 @@ def _tensor_info(spec: TensorSpec) -> meta_graph_pb2.TensorInfo:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    api = "tfs"
+
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
     @guarded
-    async def Predict(self, request: predict_pb2.PredictRequest, context: Any) -> predict_pb2.PredictResponse:
+    async def Predict(self, sized: Sized, context: Any) -> predict_pb2.PredictResponse:
+        request = sized.message
         if not request.HasField("model_spec"):
             raise ServingError(Code.MODEL_SPEC_MISSING)
         spec = request.model_spec
-        inputs = [decode(name, proto) for name, proto in request.inputs.items()]
+        inputs = await offload.decode(sized.size, _decode_all, request)
         version, outputs = await self.plane.infer(
             spec.name, _version(spec), inputs, list(request.output_filter), api="tfs"
         )
@@ -152,6 +143,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    api = "tfs"
+
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
 
@@ -183,8 +176,32 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
+@dataclass(frozen=True)
+class Sized:
+    """A PredictRequest and its size on the wire (protobuf's ByteSize re-serializes: slow for big requests)."""
+
+    message: predict_pb2.PredictRequest
+    size: int
+
+    @property
+    def model_spec(self) -> Any:
+        return self.message.model_spec
+
+
+def _parse_predict(data: bytes) -> Sized:
+    return Sized(predict_pb2.PredictRequest.FromString(data), len(data))
+
+
 def register(server: grpc.aio.Server, plane: DataPlane) -> list[str]:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(plane), server)
+    servicer = PredictionServicer(plane)
+    predict = grpc.unary_unary_rpc_method_handler(
+        servicer.Predict,
+        request_deserializer=_parse_predict,
+        response_serializer=predict_pb2.PredictResponse.SerializeToString,
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        servicer, Replacing(server, {"Predict": predict})
+    )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(plane), server)
     # importing the services' own pb2 modules also puts their descriptors where reflection looks
     return [

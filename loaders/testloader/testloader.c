@@ -21,11 +21,14 @@
  * Exported for in-process tests: int64_t hs_test_counter(const char *name) for "init", "load_model",
  * "release", "blacklist_status", "unload_model", "retire_model", "deinit" (calls) and "live_buffers" (buffers
  * handed out and not yet released); void hs_test_reset(void); const char *hs_test_last_options(void).
+ * The gate pauses hs_loader_load_model at its start, deterministically: hs_test_gate_close(), then calls block
+ * until hs_test_gate_open(); int hs_test_gate_waiting(void) says how many are blocked right now.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +75,43 @@ HS_TEST_EXPORT void hs_test_reset(void)
     for (int i = 0; i < C_COUNT; i++)
         __atomic_store_n(&counters[i], 0, __ATOMIC_SEQ_CST);
     last_options[0] = '\0';
+}
+
+static pthread_mutex_t gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cv = PTHREAD_COND_INITIALIZER;
+static int gate_closed, gate_waiting;
+
+HS_TEST_EXPORT void hs_test_gate_close(void)
+{
+    pthread_mutex_lock(&gate_mu);
+    gate_closed = 1;
+    pthread_mutex_unlock(&gate_mu);
+}
+
+HS_TEST_EXPORT void hs_test_gate_open(void)
+{
+    pthread_mutex_lock(&gate_mu);
+    gate_closed = 0;
+    pthread_cond_broadcast(&gate_cv);
+    pthread_mutex_unlock(&gate_mu);
+}
+
+HS_TEST_EXPORT int hs_test_gate_waiting(void)
+{
+    pthread_mutex_lock(&gate_mu);
+    int n = gate_waiting;
+    pthread_mutex_unlock(&gate_mu);
+    return n;
+}
+
+static void gate_pass(void)
+{
+    pthread_mutex_lock(&gate_mu);
+    gate_waiting++;
+    while (gate_closed)
+        pthread_cond_wait(&gate_cv, &gate_mu);
+    gate_waiting--;
+    pthread_mutex_unlock(&gate_mu);
 }
 
 HS_TEST_EXPORT const char *hs_test_last_options(void)
@@ -268,6 +308,7 @@ int hs_loader_load_model(void *handle, const char *model_name, const char *base_
                          const char *options_json, hs_buffer *model, hs_buffer *weights)
 {
     count(C_LOAD, 1);
+    gate_pass();
     loader *L = handle;
     if (L == NULL || model == NULL || weights == NULL || model_name == NULL || base_path == NULL ||
         options_json == NULL)
