@@ -9,7 +9,7 @@ BUILD  := $(CURDIR)/build
 CONFIG ?= configs/models.json
 PORT   ?= 9000
 
-.PHONY: setup serve test bench fuzz protos loaders lint clean
+.PHONY: setup serve test bench fuzz protos loaders lint clean image image-test
 
 setup: $(STAMP) loaders configs/models/dummy/1/model.xml configs/models/dummy-encrypted/1/model.xml.enc
 
@@ -38,12 +38,21 @@ bench: setup
 	$(BIN)/python benchmarks/reload.py
 	$(BIN)/python benchmarks/soak.py
 	$(BIN)/python benchmarks/hostile.py
+	$(BIN)/python benchmarks/fleet.py
 
 FUZZ_TARGET ?= tensor
 FUZZ_RUNS   ?= 200000
 fuzz: setup
 	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
 	$(BIN)/python tests/fuzz_atheris.py $(FUZZ_TARGET) -runs=$(FUZZ_RUNS)
+
+# make image       — build the container image (podman or docker; see deploy/image.py). Not part of `make test`.
+# make image-test  — run it against the default config and check both sample models answer
+image: $(STAMP)
+	$(BIN)/python deploy/image.py build
+
+image-test: $(STAMP)
+	$(BIN)/python deploy/image.py test
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -38,6 +38,7 @@ def _serve_parser() -> Parser:
     p.add_argument("--tls_cert", type=Path, help="PEM certificate (chain): TLS on both ports; needs --tls_key")
     p.add_argument("--tls_key", type=Path, help="PEM private key of --tls_cert (unencrypted)")
     p.add_argument("--tls_client_ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS)")
+    p.add_argument("--drain_seconds", type=float, default=5.0, help="SIGTERM: serve on this long, not ready (0 = no)")
     for name in MODEL_PARAMS:
         p.add_argument(f"--{name}", help="single-model mode only")
     return p
@@ -63,6 +64,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError("--port and --rest_port must differ")
     if args.grpc_workers != 1:  # refused rather than accepted and ignored
         raise UsageError(f"--grpc_workers {args.grpc_workers}: only 1 worker process is supported so far")
+    if not 0 <= args.drain_seconds < float("inf"):
+        raise UsageError("--drain_seconds must be >= 0 (0 skips the drain window)")
     if args.file_system_poll_wait_seconds < 0:
         raise UsageError("--file_system_poll_wait_seconds must be >= 0 (0 disables watching)")
     if not 1 <= args.max_request_mb <= 2047:
@@ -122,6 +125,7 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         watch_mode=args.watch_mode,
         grpc_workers=args.grpc_workers,
         log_level=args.log_level,
+        drain_seconds=args.drain_seconds,
         max_request_mb=args.max_request_mb,
         tls=tls,
     )

@@ -21,7 +21,7 @@ import jsonschema
 from . import safe_json
 from .safe_text import safe
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "models.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "models.schema.json"  # a link to schemas/, a copy in the wheel
 MAX_DEPTH = 32  # a models.json nests about 6 deep; anything near Python's recursion limit is refused first
 MAX_BYTES = 64 << 20  # a config of thousands of models is well under a megabyte
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import signal
@@ -34,6 +35,7 @@ log = logging.getLogger("hotserve.server")
 
 MAX_MESSAGE = 1 << 30  # 1 GiB, as OVMS
 SHUTDOWN_GRACE_SECONDS = 30.0
+DRAIN_SECONDS = 5.0  # Kubernetes removes a terminating pod's endpoints asynchronously: keep serving meanwhile
 TRACE = 5
 LOG_LEVELS = {"TRACE": TRACE, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
               "ERROR": logging.ERROR}  # fmt: skip
@@ -55,6 +57,7 @@ class Settings:
     watch_mode: str = "auto"
     grpc_workers: int = 1
     log_level: str = "INFO"
+    drain_seconds: float = DRAIN_SECONDS
     max_request_mb: int = 256
     tls: TlsFiles | None = None
 
@@ -130,6 +133,8 @@ class Server:
         self.rest: web.AppRunner | None = None
         self.port = 0
         self._stop = asyncio.Event()
+        self._drain_cut = asyncio.Event()  # a second SIGTERM/SIGINT ends the drain window early
+        self._ready_at_signal = False
 
     async def _reload(self) -> ReloadResult:
         return await self.reconciler.trigger(force=True)
@@ -191,12 +196,39 @@ class Server:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         await self.start()
         await self._stop.wait()
+        await self.drain()
         await self.stop()
         return 0
+
+    def _on_term(self, sig: signal.Signals) -> None:
+        """First signal: health NOT_SERVING now, drain, stop. Second: end the drain window at once."""
+        if self._stop.is_set():
+            if not self._drain_cut.is_set():
+                log.info("%s again: ending the drain window now", sig.name)
+                self._drain_cut.set()
+            return
+        self._ready_at_signal = self.plane.ready
+        self.plane.draining = True  # REST /v2/health/ready answers 503 from here on
+        self.health.drain()  # gRPC health "" and every model NOT_SERVING from the next loop step on
+        log.info("%s: health is NOT_SERVING; draining", sig.name)
+        self._stop.set()
+
+    async def drain(self) -> None:
+        """Keep serving for --drain_seconds after health went NOT_SERVING, so balancers stop routing here first."""
+        seconds = self.settings.drain_seconds
+        if seconds <= 0 or self._drain_cut.is_set():
+            return
+        if not self._ready_at_signal:
+            log.info("Not ready when signalled (nothing routes here yet): no drain window")
+            return
+        log.info("Draining: still serving for %.1f s while load balancers stop routing here", seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_cut.wait(), seconds)
+        log.info("Drain window over")
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading configuration")

@@ -37,7 +37,8 @@ class ModelFiles:
 
 
 def scan(base_path: Path | str) -> VersionScan:
-    """Numeric sub-folders > 0 are versions; a single .xml/.onnx file is served as version 1."""
+    """Numeric sub-folders > 0 are versions; a single .xml/.onnx file, or a folder of model files with no numeric
+    sub-folder, is served as version 1."""
     base_path = Path(base_path)
     if base_path.is_file():
         if base_path.suffix in MODEL_SUFFIXES:
@@ -77,7 +78,18 @@ def scan(base_path: Path | str) -> VersionScan:
             if keep != entry.name:
                 continue
         found[number] = Path(entry.path)
+    if not found and any(_is_model_file(e) for e in entries):
+        # KServe's storage initializer may put the model files straight into /mnt/models, with no version folder
+        warnings.append(f"No version folder in {base_path}: serving the model files in it as version 1")
+        found[1] = base_path
     return VersionScan(base_path, True, dict(sorted(found.items())), tuple(warnings))
+
+
+def _is_model_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return not entry.name.startswith(".") and Path(entry.name).suffix in MODEL_SUFFIXES and entry.is_file()
+    except OSError:
+        return False
 
 
 def model_files(version_dir: Path | str) -> ModelFiles:

@@ -146,3 +146,17 @@ def onnx_mlp(folder: Path, widths: tuple[int, ...] = (2048, 4096, 2048, 2048, 20
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, widths[0]])]
     outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)]
     return _onnx_save(folder, nodes, inputs, outputs, inits)
+
+
+def slow(folder: Path, n: int = 2048, seed: int = 0) -> Path:
+    """`y` = mean(broadcast(x) @ W) with an n×n W: one n³ MatMul per request (~0.15 s on one core at f32, n=2048).
+
+    For tests that need requests provably in flight: with nireq 1 and INFERENCE_NUM_THREADS 1 they queue.
+    """
+    rng = np.random.default_rng(seed)
+    param = ops.parameter([1, 1], np.float32, name="x")
+    square = ops.broadcast(param, ops.constant(np.array([n, n], np.int64)))
+    w = ops.constant((rng.standard_normal((n, n)) * 1e-3).astype(np.float32))
+    out = ops.reduce_mean(ops.matmul(square, w, False, False), ops.constant(np.array([0, 1], np.int64)), keep_dims=True)
+    out.output(0).get_tensor().set_names({"y"})
+    return _save(ov.Model([out], [param], "slow"), folder)

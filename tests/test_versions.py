@@ -120,6 +120,28 @@ def test_single_model_file_is_version_1(tmp_path: Path, kind: str) -> None:
     assert files.kind == kind and files.model == path
 
 
+@pytest.mark.parametrize("kind", ["IR", "ONNX"])
+def test_folder_of_bare_model_files_is_version_1(tmp_path: Path, kind: str) -> None:
+    """KServe's storage initializer may leave /mnt/models/model.xml + model.bin (or model.onnx), no version folder."""
+    base = tmp_path / "mnt-models"
+    path = add_const(base) if kind == "IR" else onnx_add_const(base)
+    (base / "notes").mkdir()  # a non-numeric folder does not hide the files
+    scan = versions.scan(base)
+    assert scan.versions == {1: base}
+    assert f"No version folder in {base}: serving the model files in it as version 1" in scan.warnings
+    files = versions.model_files(scan.versions[1])
+    assert files.kind == kind and files.model == path
+
+
+def test_version_folders_win_over_bare_model_files(tmp_path: Path) -> None:
+    add_const(tmp_path / "base")
+    add_const(tmp_path / "base" / "2")
+    assert versions.scan(tmp_path / "base").versions == {2: tmp_path / "base" / "2"}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "README.txt").write_text("no model here")
+    assert versions.scan(tmp_path / "other").versions == {}
+
+
 def test_other_single_file_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     scan = versions.scan(tmp_path / "notes.txt")

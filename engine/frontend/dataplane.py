@@ -67,6 +67,7 @@ class DataPlane:
         self._reshape = reshape
         self._last_result = last_result
         self.ready = False  # set once the initial reconcile is done; stays set (OVMS semantics)
+        self.draining = False  # set on SIGTERM: health says NOT_SERVING while requests are still served
 
     # ---- status ----
     def model_ready(self, name: str, version: int | None) -> bool:

@@ -26,15 +26,18 @@ class Health:
         self.plane = plane
         self.servicer = health.aio.HealthServicer()
         self._known: dict[str, int] = {}
+        self._draining: asyncio.Task[None] | None = None  # keeps drain()'s task referenced until it is done
 
     def register(self, server: grpc.aio.Server) -> str:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         return health.SERVICE_NAME
 
     async def sync(self) -> None:
-        wanted = {"": SERVING if self.plane.ready else NOT_SERVING}
+        serving = self.plane.ready and not self.plane.draining
+        wanted = {"": SERVING if serving else NOT_SERVING}
         for view in self.plane.models():
-            wanted[view.name] = SERVING if self.plane.registry.model(view.name).default_version() else NOT_SERVING
+            available = self.plane.registry.model(view.name).default_version()
+            wanted[view.name] = SERVING if serving and available else NOT_SERVING
         for name, status in wanted.items():
             if self._known.get(name) != status:
                 await self.servicer.set(name, status)
@@ -50,8 +53,13 @@ class Health:
             await self.sync()
             await asyncio.sleep(SYNC_SECONDS)
 
+    def drain(self) -> None:
+        """Every name NOT_SERVING from the next loop step on (Watch streams are told), and for good: the sync
+        loop keeps running until stop() but the servicer ignores it from then on."""
+        self._draining = asyncio.create_task(self.servicer.enter_graceful_shutdown())
+
     async def stop(self) -> None:
-        await self.servicer.enter_graceful_shutdown()
+        await self.servicer.enter_graceful_shutdown()  # idempotent: drain() may have run it already
 
 
 def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:

@@ -118,7 +118,8 @@ def app(
 
     @routes.get("/v2/health/ready")
     async def ready(request: web.Request) -> web.Response:
-        return web.json_response({"ready": plane.ready}, status=200 if plane.ready else 503)
+        is_ready = plane.ready and not plane.draining
+        return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
 
     @routes.get("/v2/models/{name}")
     @routes.get("/v2/models/{name}/versions/{version}")
