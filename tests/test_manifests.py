@@ -30,7 +30,7 @@ from engine import encrypt
 
 K8S = kube.DEPLOY / "kubernetes"
 KSERVE = kube.DEPLOY / "kserve"
-CRDS = Path(__file__).resolve().parent.parent.parent / "shared" / "kserve"  # KServe's CRDs (Apache-2.0), see README
+CRDS = Path(__file__).resolve().parent / "kserve"  # KServe's CRDs (Apache-2.0), see kserve/README.md
 VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 IMAGE_PATHS = {"/opt/hotserve/lib": ROOT / "build"}  # the image's sample loader is the one `make setup` builds
 
