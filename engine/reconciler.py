@@ -368,11 +368,15 @@ class Reconciler:
     def closing(self) -> bool:
         return self._closing
 
-    async def quiesce(self) -> None:
-        """No more reconciles: later triggers answer "shutting down"; the running one finishes (no new compiles)."""
+    def begin_shutdown(self) -> None:
+        """From now on no reconcile and no compile starts; later triggers answer "shutting down"."""
         self._closing = True
         if self._wake is not None:
             self._wake.cancel()
+
+    async def quiesce(self) -> None:
+        """begin_shutdown(), then wait for the running reconcile (it finishes its running compiles only)."""
+        self.begin_shutdown()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
         for fut in self._pending:

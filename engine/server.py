@@ -176,6 +176,7 @@ class Server:
                     self.metrics.render,
                     max_request,
                     self.certificates.ssl_context() if self.certificates is not None else None,
+                    SHUTDOWN_GRACE_SECONDS,
                 )
             except OSError as exc:
                 raise SystemExit(
@@ -212,6 +213,8 @@ class Server:
                 self._drain_cut.set()
             return
         self._ready_at_signal = self.plane.ready
+        if not self.plane.ready:
+            self.reconciler.begin_shutdown()  # still loading: no further compile starts, the start-up ends now
         self.plane.draining = True  # REST /v2/health/ready answers 503 from here on
         self.health.drain()  # gRPC health "" and every model NOT_SERVING from the next loop step on
         log.info("%s: health is NOT_SERVING; draining", sig.name)
@@ -235,17 +238,21 @@ class Server:
         self.reconciler.trigger(force=True)
 
     async def stop(self) -> None:
-        """Triggers off → the running reconcile finishes → front ends stop (in-flight requests finish) → every
-        version drained and freed → loaders deinitialised. Each step runs whatever the one before it did."""
+        """No new reconcile or compile → loops stopped → both front ends stop accepting together and finish their
+        in-flight requests (one grace) → the running reconcile finishes → every version drained and freed →
+        loaders deinitialised. Each step runs whatever the one before it did."""
         log.info("Shutting down: no new RPCs; waiting for in-flight ones (up to %.0f s)", SHUTDOWN_GRACE_SECONDS)
+        self.reconciler.begin_shutdown()
         await self._step("stopping the watcher and health sync", self.supervisor.stop())
-        await self._step("finishing the running reconcile", self.reconciler.quiesce())
         await self._step("stopping health", self.health.stop())
+        fronts = []
         if self.rest is not None:
-            await self._step("stopping the REST server", self.rest.cleanup())
+            fronts.append(self._step("stopping the REST server", self.rest.cleanup()))
         if self.grpc is not None:
-            await self._step("stopping the gRPC server", self.grpc.stop(SHUTDOWN_GRACE_SECONDS))
+            fronts.append(self._step("stopping the gRPC server", self.grpc.stop(SHUTDOWN_GRACE_SECONDS)))
+        await asyncio.gather(*fronts)
         offload.shutdown()  # the request decoders: no request is left to decode
+        await self._step("finishing the running reconcile", self.reconciler.quiesce())
         await self._step("freeing the models and loaders", self.reconciler.close())
         log.info("Shutdown complete")
 

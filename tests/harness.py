@@ -26,6 +26,8 @@ class ServerProcess:
     """One `python -m engine serve` process; `port` is read from its 'Started gRPC server on port N' line."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        if not any(a.startswith("--drain_seconds") for a in args):
+            args = [*args, "--drain_seconds", "0"]  # stop at once at teardown; drain tests ask for their window
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(

@@ -27,6 +27,7 @@ import yaml
 from harness import ROOT, ServerProcess
 
 from engine import encrypt
+from engine.cache import parse_size
 
 K8S = kube.DEPLOY / "kubernetes"
 KSERVE = kube.DEPLOY / "kserve"
@@ -170,6 +171,10 @@ def test_deployment_says_what_the_readme_says() -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "configMap" in volumes["config"] and volumes["models"]["persistentVolumeClaim"]["readOnly"]
     assert "emptyDir" in volumes["cache"] and "secret" in volumes["loader-key"]
+    limit = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--cache_size_limit="))
+    assert parse_size(limit) < parse_size(volumes["cache"]["emptyDir"]["sizeLimit"].removesuffix("i")), (
+        "the cache must stay below its volume's size limit, or kubelet evicts the pod"
+    )
     assert service["spec"]["ports"][0]["name"] == "grpc" and service["spec"]["ports"][0]["port"] == 9000
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"

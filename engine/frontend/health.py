@@ -21,10 +21,34 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Servicer(health.aio.HealthServicer):
+    """grpcio's servicer, whose Watch streams can be ended: an open one would hold shutdown for the whole grace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watches: set[asyncio.Task[object]] = set()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
+        task = asyncio.current_task()
+        if task is not None:
+            self.watches.add(task)
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            return  # ended by end_watches(): the client was already told NOT_SERVING
+        finally:
+            if task is not None:
+                self.watches.discard(task)
+
+    def end_watches(self) -> None:
+        for task in list(self.watches):
+            task.cancel()
+
+
 class Health:
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
-        self.servicer = health.aio.HealthServicer()
+        self.servicer = _Servicer()
         self._known: dict[str, int] = {}
         self._draining: asyncio.Task[None] | None = None  # keeps drain()'s task referenced until it is done
 
@@ -60,6 +84,7 @@ class Health:
 
     async def stop(self) -> None:
         await self.servicer.enter_graceful_shutdown()  # idempotent: drain() may have run it already
+        self.servicer.end_watches()  # NOT_SERVING was sent; an open Watch must not hold the shutdown grace
 
 
 def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:

@@ -43,7 +43,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.plane.ready)
+        return pb.ServerReadyResponse(ready=self.plane.ready and not self.plane.draining)  # as health says
 
     @guarded
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:

@@ -175,8 +175,10 @@ async def start(
     metrics: Callable[[], bytes] | None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST,
     ssl_context: ssl.SSLContext | None = None,
+    grace: float = 30.0,
 ) -> web.AppRunner:
-    runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None)
+    # shutdown_timeout: in-flight requests get the same grace as gRPC's, not aiohttp's 60 s
+    runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None, shutdown_timeout=grace)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=ssl_context)
     await site.start()
