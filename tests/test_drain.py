@@ -189,3 +189,55 @@ def test_drain_seconds_must_not_be_negative(serve, config: dict) -> None:
     server = serve(config, "--drain_seconds", "-1", ready=False)
     assert server.proc.wait(30) == 64
     assert "--drain_seconds must be >= 0" in server.log
+
+
+def test_grpc_server_ready_follows_health_during_the_drain(serve, config: dict) -> None:
+    server = serve(config, "--drain_seconds", "120")
+    client = grpcclient.InferenceServerClient(server.address)
+    assert client.is_server_ready()
+    server.signal(signal.SIGTERM)
+    wait_until(lambda: not client.is_server_ready(), 5, "ServerReady false while draining")
+    assert client.is_model_ready("dummy"), "the model itself still serves in the window"
+    client.close()
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+
+
+def test_an_open_health_watch_does_not_hold_the_shutdown(serve, config: dict) -> None:
+    server = serve(config, "--drain_seconds", "0")
+    channel = grpc.insecure_channel(server.address)
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(stream).status == SERVING
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert [r.status for r in stream] == [NOT_SERVING], "told NOT_SERVING, then the stream ends"
+    assert server.proc.wait(25) == 0, "an open Watch must not hold the 30 s grace"
+    assert time.monotonic() - started < 25
+    channel.close()
+
+
+def test_sigterm_while_loading_starts_no_further_compile(tmp_path: Path, serve, build: Path) -> None:  # type: ignore[no-untyped-def]
+    calls = tmp_path / "calls.log"
+    (tmp_path / "loader.cfg").write_text(f"CALL_LOG {calls}\n")
+    loaders, entries = [], []
+    for name in ("t1", "t2"):  # two loaders: the two parallel loads do not wait for one handle's lock
+        loaders.append({"config": {"loader_name": name, "library_path": str(build / "libtestloader.so"),
+                                   "loader_config_file": str(tmp_path / "loader.cfg")}})  # fmt: skip
+    for i, name in enumerate(("m1", "m2", "m3", "m4")):
+        modelgen.add_const(tmp_path / name / "1")
+        options = {"loader_name": f"t{i % 2 + 1}", "model_file": "model.xml", "bin_file": "model.bin",
+                   "delay_ms": "1500"}  # fmt: skip
+        entries.append(model_entry(name, tmp_path / name, custom_loader_options=options))
+    server = serve({"custom_loader_config_list": loaders, "model_config_list": entries}, ready=False)
+
+    # two loads (the parallel limit) are inside their loaders for 1.5 s each: SIGTERM then
+    def loads() -> list[str]:
+        return (
+            [line for line in calls.read_text().splitlines() if line.startswith("load_model")] if calls.exists() else []
+        )
+
+    wait_until(lambda: len(loads()) == 2, 30, "two loads to start")
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert loads() == ["load_model m1 1", "load_model m2 1"], "no further load after SIGTERM"
+    assert "Shutdown complete" in server.log
