@@ -156,6 +156,8 @@ class Reconciler:
             applied = error.model in self._desired or (error.loader is not None and self.loaders.get(error.loader))
             what = "Invalid entry left as it was" if applied else "Invalid entry not loaded"
             self._say(logging.ERROR, f"{what}: {error}")
+        for warning in config.warnings:
+            self._say(logging.WARNING, f"{config.path}: {warning}")  # logged once while it lasts
         self.config = config
         errors += await self.loaders.sync(config.loaders, self.lifecycle.in_loader_thread, retry=self._forced_run)
         for error in errors[len(config.errors) :]:

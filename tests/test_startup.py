@@ -53,3 +53,9 @@ def test_grpc_workers_other_than_one_is_refused_not_ignored(tmp_path: Path) -> N
     done = subprocess.run([sys.executable, "-m", "engine", "serve", "--model_name", "m", "--model_path",
                            str(tmp_path), "--grpc_workers", "2"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 64 and "only 1 worker process is supported" in done.stderr
+
+
+def test_config_warnings_reach_the_log(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    modelgen.add_const(tmp_path / "m" / "1")
+    server = serve({"model_config_list": [model_entry("m", tmp_path / "m")], "pipeline_config_list": []})
+    assert "pipeline_config_list is not supported by hotserve and is ignored" in server.log
