@@ -10,10 +10,10 @@ it returns (a retire, reload or shutdown came meanwhile) is freed, never install
 the slot is compiling, draining or being freed, so a late drain of an older compile can never end a newer one.
 
 Threads: compiles run on the load pool, with the loader's own calls of a load (load_model, release, and the unload
-of a load whose compile failed); frees and every other loader call (blacklist, unload, retire, open, close) run on
-one loader thread, in order. None runs on the event loop, so a decrypt holding a loader's lock never blocks serving.
-Each successful hs_loader_load_model is matched by exactly one hs_loader_unload_model once nothing compiled from it
-is left (freed, discarded or failed).
+of a load whose compile failed); frees of loader models and every other loader call (blacklist, unload, retire,
+open, close) run on one loader thread, in order; frees of plain models on a thread of their own. None runs on the
+event loop, so a decrypt holding a loader's lock never blocks serving. Each successful hs_loader_load_model is
+matched by exactly one hs_loader_unload_model once nothing compiled from it is left (freed, discarded or failed).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Lifecycle:
         self._ended: dict[str, list[int]] = {}  # model → versions in the order they reached END
         self._compile_pool = ThreadPoolExecutor(max_workers=parallel_loads, thread_name_prefix="load")
         self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        self._free_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="free")  # plain models' frees
         self._compiling: set[asyncio.Future[Any]] = set()
         self._tasks = Supervisor()
 
@@ -100,6 +101,11 @@ class Lifecycle:
     async def in_loader_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a call into a loader library (or a free) on the loader thread, in submission order."""
         return await asyncio.get_running_loop().run_in_executor(self._loader_pool, fn, *args)
+
+    async def free(self, served: ServedVersion) -> None:
+        """Drop a drained compile: a loader's on the loader thread (its unload in order), a plain one beside it."""
+        pool = self._loader_pool if served.origin is not None else self._free_pool
+        await asyncio.get_running_loop().run_in_executor(pool, self._free_in_thread, served)
 
     def spawn(self, name: str, coro: Any) -> None:
         self._tasks.spawn(name, coro)
@@ -122,8 +128,8 @@ class Lifecycle:
 
     def shutdown(self) -> None:
         """After close() and after the loaders' deinit: stop the threads."""
-        self._compile_pool.shutdown(wait=True, cancel_futures=True)
-        self._loader_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._compile_pool, self._loader_pool, self._free_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- in worker threads ----
     def _compile_in_thread(self, name: str, version: int, applied: Applied, shapes: Shapes | None) -> ServedVersion:
@@ -379,7 +385,7 @@ class VersionLife:
         try:
             await self._owner.hooks.loop("drain", self.name, self.version)
             await served.drained()
-            await self._owner.in_loader_thread(self._owner._free_in_thread, served)
+            await self._owner.free(served)
         finally:
             self._busy -= 1
             self._maybe_end()
