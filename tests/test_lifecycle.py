@@ -195,6 +195,9 @@ async def test_a_decrypt_holding_the_loader_lock_does_not_freeze_serving(env: En
     for _ in range(3):
         assert (await env.infer("plain"))[0] == 1  # ...while the loop serves
     assert gate_lib.hs_test_gate_waiting() == 1, "served while the loader call was still blocked"
+    env.lifecycle.life("plain", 1).retire()  # a plain model's free does not queue behind the blocked loader thread
+    await env.until(lambda: env.state("plain", 1) == State.END, "the plain model to be freed")
+    assert gate_lib.hs_test_gate_waiting() == 1
     watchdog.cancel()
     gate_lib.hs_test_gate_open()
     np.testing.assert_allclose((await reshape)[1], x + 1.0)
