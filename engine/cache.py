@@ -68,6 +68,10 @@ def parse_size(text: str) -> int:
     return int(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " ")
 
 
+class CacheEscape(OSError):
+    """A cache path resolves outside the cache dir: that load compiles uncached, that folder is never evicted."""
+
+
 class ModelCache:
     def __init__(self, root: Path, size_limit: int | None = None) -> None:
         self.root = root
@@ -153,7 +157,7 @@ class ModelCache:
         """`path`, checked to be a strict descendant of the cache dir (model names are validated; this is the net)."""
         resolved = path.resolve()
         if resolved == self.root.resolve() or not resolved.is_relative_to(self.root.resolve()):
-            raise RuntimeError(f"cache path {path} is outside the cache dir {self.root}")
+            raise CacheEscape(f"cache path {path} is outside the cache dir {self.root}")
         return path
 
     # ---- size limit ----
@@ -184,7 +188,11 @@ class ModelCache:
                 break
             if keep is not None and folder == keep:
                 continue
-            shutil.rmtree(self.inside(folder), ignore_errors=True)
+            try:
+                shutil.rmtree(self.inside(folder), ignore_errors=True)
+            except CacheEscape as exc:  # e.g. a symlink to elsewhere: never delete outside the cache dir
+                log.warning("Model cache: not evicting %s", exc)
+                continue
             total -= sizes[folder]
             log.info(
                 "Cache size limit %d bytes exceeded: evicted %s (%d bytes)", self.size_limit, folder, sizes[folder]

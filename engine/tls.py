@@ -97,8 +97,12 @@ class Certificates:
         self._stamp = _stamp(files)
         self.material = load(files)  # TlsError at start-up: the server does not start
         self.generation = 0
+        self._grpc_generation = 0  # the material gRPC's credentials were last handed
         self._failed_stamp: tuple[tuple[int, int, int, int], ...] | None = None
-        self._context = self._ssl_context(self.material)
+        try:
+            self._context = self._ssl_context(self.material)
+        except ssl.SSLError as exc:  # e.g. a key OpenSSL refuses as too small: a start-up error naming the files
+            raise TlsError(f"--tls_cert {files.cert} / --tls_key {files.key}: {exc.reason or exc}") from None
 
     def refresh(self) -> bool:
         """Reload if the files changed; True when new material is in use. Cheap when nothing changed (stat only)."""
@@ -134,11 +138,16 @@ class Certificates:
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before every new connection's handshake."""
         try:
-            changed = self.refresh()
+            self.refresh()
         except Exception:  # never let a reload bug break the handshake thread
             log.exception("TLS reload failed")
             return None
-        return self._grpc_config(self.material) if changed else None
+        with self._lock:  # a REST handshake may have done the reload: gRPC still needs the new material
+            if self._grpc_generation == self.generation:
+                return None
+            self._grpc_generation = self.generation
+            material = self.material
+        return self._grpc_config(material)
 
     # ---- REST ----
     def ssl_context(self) -> ssl.SSLContext:

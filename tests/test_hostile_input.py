@@ -279,3 +279,42 @@ def test_a_thousand_bad_requests_log_one_line(env: Env) -> None:
     assert 1 <= len(lines) <= 2 + int(elapsed / 10), lines
     assert "Rejected kserve request for model flood-target: Invalid input shape" in lines[0]
     assert "Traceback" not in env.server.log[start:]
+
+
+# ---- bytes that are not the protobuf message at all ----
+@pytest.mark.parametrize(
+    "method",
+    ["/inference.GRPCInferenceService/ModelInfer", "/tensorflow.serving.PredictionService/Predict"],
+)
+@pytest.mark.parametrize(
+    "body", [b"\x80", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05ab"], ids=["varint", "length", "short"]
+)
+def test_malformed_protobuf_is_invalid_argument_without_a_traceback(env: Env, method: str, body: bytes) -> None:
+    start = len(env.server.log)
+    channel = grpc.insecure_channel(env.server.address)
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        call(body, timeout=30)
+    channel.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "not a valid" in (caught.value.details() or "")
+    _check_good(env)
+    assert "Traceback" not in env.server.log[start:]
+
+
+def test_client_error_log_is_bounded_over_all_models(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from engine.errors import Code, ServingError
+    from engine.frontend.client_log import MAX_KEYS, MAX_LINES, ClientErrorLog
+
+    now = [0.0]
+    errors = ClientErrorLog(interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "hotserve.requests"):
+        for i in range(5000):  # a client making up a model name per request
+            errors.report("kserve", f"made-up-{i}", ServingError(Code.MODEL_NAME_MISSING))
+        assert len(caplog.records) == MAX_LINES
+        now[0] = 11.0
+        errors.report("kserve", "made-up-0", ServingError(Code.MODEL_NAME_MISSING))
+    assert "Rejected 4980 more client requests" in caplog.records[MAX_LINES].getMessage()
+    assert len(errors._seen) <= MAX_KEYS

@@ -152,7 +152,9 @@ def test_certificate_rotated_while_a_client_streams(tmp_path: Path, config: Path
     assert "TLS certificate reloaded" in server.log
 
 
-@pytest.mark.parametrize("problem", ["missing cert", "garbage key", "key of another cert", "missing client CA"])
+@pytest.mark.parametrize(
+    "problem", ["missing cert", "garbage key", "key of another cert", "missing client CA", "key OpenSSL refuses"]
+)
 def test_bad_tls_files_fail_start_up_naming_the_file(tmp_path: Path, config: Path, serve, problem: str) -> None:  # type: ignore[no-untyped-def]
     ca = CA(tmp_path / "pki")
     pair, other = ca.issue("server"), ca.issue("other")
@@ -163,6 +165,8 @@ def test_bad_tls_files_fail_start_up_naming_the_file(tmp_path: Path, config: Pat
         key.write_text("not a key")
     elif problem == "key of another cert":
         key = other.key
+    elif problem == "key OpenSSL refuses":  # cryptography reads an RSA-1024 pair; OpenSSL's security level does not
+        cert, key = _weak_pair(tmp_path)
     else:
         client_ca = tmp_path / "no-ca.pem"
     args = ["--tls_cert", str(cert), "--tls_key", str(key)]
@@ -170,6 +174,46 @@ def test_bad_tls_files_fail_start_up_naming_the_file(tmp_path: Path, config: Pat
         args += ["--tls_client_ca", str(client_ca)]
     server = serve(config, *args, ready=False)
     assert server.proc.wait(30) == 1
-    named = {"missing cert": cert, "garbage key": key, "key of another cert": key, "missing client CA": client_ca}
+    named = {"missing cert": cert, "garbage key": key, "key of another cert": key, "missing client CA": client_ca,
+             "key OpenSSL refuses": key}  # fmt: skip
     assert str(named[problem]) in server.log and "Cannot start with TLS" in server.log, server.log
     assert "Traceback" not in server.log
+
+
+def _weak_pair(folder: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    cert_path, key_path = folder / "weak.pem", folder / "weak.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+def test_rotation_seen_first_by_a_rest_handshake_reaches_grpc_too(tmp_path: Path, config: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    old_ca, new_ca = CA(tmp_path / "old", "old CA"), CA(tmp_path / "new", "new CA")
+    live = old_ca.issue("server")
+    port = free_port()
+    server = serve(config, "--tls_cert", str(live.cert), "--tls_key", str(live.key), "--rest_port", str(port))
+    url = f"https://127.0.0.1:{port}"
+    np.testing.assert_allclose(triton_infer(server.address, old_ca.cert), X + 1)
+    _replace(live, new_ca.issue("rotated"))
+    deadline = time.monotonic() + 20
+    while True:  # REST's handshake is the first to see the new files (a Kubernetes https probe, say)
+        try:
+            np.testing.assert_allclose(rest_infer(url, new_ca.cert), X + 1)
+            break
+        except (urllib.error.URLError, ssl.SSLError):
+            assert time.monotonic() < deadline, server.log[-2000:]
+            time.sleep(0.1)
+    np.testing.assert_allclose(triton_infer(server.address, new_ca.cert), X + 1)  # the next gRPC handshake too

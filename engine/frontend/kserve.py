@@ -86,6 +86,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ModelInfer(self, wire: kserve_wire.InferRequest, context: Any) -> pb.ModelInferResponse:
+        if wire.malformed is not None:
+            raise ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid ModelInferRequest: {wire.malformed}")
         request = wire.message
         inputs = await offload.decode(wire.size, _decode_inputs, request, wire.raw)
         outputs = [o.name for o in request.outputs]

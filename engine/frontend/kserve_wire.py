@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from .generated.inference import grpc_service_pb2 as pb
 
 _RAW_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
@@ -19,6 +21,7 @@ class InferRequest:
     message: pb.ModelInferRequest  # every field but raw_input_contents
     raw: tuple[memoryview, ...]  # views into the received bytes
     size: int  # bytes on the wire
+    malformed: str | None = None  # not a ModelInferRequest: answered INVALID_ARGUMENT by the handler, not UNKNOWN
 
     @property
     def model_name(self) -> str:
@@ -46,10 +49,16 @@ def parse(data: bytes) -> InferRequest:
     """The deserializer of ModelInfer; anything the scanner does not understand is left to protobuf to judge."""
     view = memoryview(data)
     try:
-        header, raw = _split(view)
-    except _Malformed:
-        return InferRequest(pb.ModelInferRequest.FromString(data), (), len(data))  # raises protobuf's DecodeError
-    return InferRequest(pb.ModelInferRequest.FromString(header), raw, len(data))
+        try:
+            header, raw = _split(view)
+        except _Malformed:  # e.g. a group field protobuf skips: let protobuf parse it all
+            message = pb.ModelInferRequest.FromString(data)
+            raw = tuple(memoryview(r) for r in message.raw_input_contents)
+            message.ClearField("raw_input_contents")
+            return InferRequest(message, raw, len(data))
+        return InferRequest(pb.ModelInferRequest.FromString(header), raw, len(data))
+    except DecodeError as exc:  # raised here it would reach the client as UNKNOWN, with a traceback in the log
+        return InferRequest(pb.ModelInferRequest(), (), len(data), malformed=str(exc) or "cannot be parsed")
 
 
 def _split(view: memoryview) -> tuple[bytes, tuple[memoryview, ...]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ..errors import Code, ServingError
 from ..safe_text import safe
@@ -104,6 +105,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @guarded
     async def Predict(self, sized: Sized, context: Any) -> predict_pb2.PredictResponse:
+        if sized.malformed is not None:
+            raise ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid PredictRequest: {sized.malformed}")
         request = sized.message
         if not request.HasField("model_spec"):
             raise ServingError(Code.MODEL_SPEC_MISSING)
@@ -182,6 +185,7 @@ class Sized:
 
     message: predict_pb2.PredictRequest
     size: int
+    malformed: str | None = None  # not a PredictRequest: answered INVALID_ARGUMENT by the handler, not UNKNOWN
 
     @property
     def model_spec(self) -> Any:
@@ -189,7 +193,10 @@ class Sized:
 
 
 def _parse_predict(data: bytes) -> Sized:
-    return Sized(predict_pb2.PredictRequest.FromString(data), len(data))
+    try:
+        return Sized(predict_pb2.PredictRequest.FromString(data), len(data))
+    except DecodeError as exc:  # raised here it would reach the client as UNKNOWN, with a traceback in the log
+        return Sized(predict_pb2.PredictRequest(), len(data), str(exc) or "cannot be parsed")
 
 
 def register(server: grpc.aio.Server, plane: DataPlane) -> list[str]:
