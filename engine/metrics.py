@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,6 +50,8 @@ class Metrics:
         )  # fmt: skip
         self.collectors.register(_StateCollector(registry, reconciler, cache))
         self._series: set[tuple[str, str, str]] = set()
+        # label children, looked up once per series rather than per request (prometheus_client's labels() locks)
+        self._children: dict[tuple[str, str, str], list[Any]] = {}
 
     def observe(self, model: str, version: int | None, api: str, ok: bool, seconds: float) -> None:
         """Count one inference request. Names and versions a client made up are labelled "": bounded series."""
@@ -61,11 +63,17 @@ class Metrics:
         elif version not in entry.slots:
             version = None
         labels = (model, str(version) if version else "", api)
-        self._series.add(labels)
-        self.requests.labels(*labels).inc()
+        children = self._children.get(labels)
+        if children is None:
+            self._series.add(labels)
+            children = [self.requests.labels(*labels), None, self.latency.labels(model, api)]
+            self._children[labels] = children
+        children[0].inc()
         if not ok:
-            self.failures.labels(*labels).inc()
-        self.latency.labels(model, api).observe(seconds)
+            if children[1] is None:  # a failures series appears with the first failure, as before
+                children[1] = self.failures.labels(*labels)
+            children[1].inc()
+        children[2].observe(seconds)
 
     def render(self) -> bytes:
         self._prune()
@@ -78,12 +86,15 @@ class Metrics:
             entry = self.registry.models.get(model) if model else None
             if model and (entry is None or (version and int(version) not in entry.slots)):
                 self._series.discard(labels)
+                self._children.pop(labels, None)
                 for counter in (self.requests, self.failures):
                     with contextlib.suppress(KeyError):
                         counter.remove(*labels)
                 if entry is None:
                     with contextlib.suppress(KeyError):
                         self.latency.remove(model, api)
+                    for other in [k for k in self._children if k[0] == model and k[2] == api]:
+                        self._children.pop(other)  # they hold the latency child just removed
 
 
 class _StateCollector(Collector):

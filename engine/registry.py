@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from .errors import Code, ServingError
 from .served import ServedVersion
@@ -46,11 +45,20 @@ class Model:
     name: str
     slots: dict[int, Slot] = field(default_factory=dict)
     error: str | None = None  # a model-level problem (missing base_path, unknown loader, invalid config entry)
+    _default: int | None = field(default=None, repr=False, compare=False)
+    _default_known: bool = field(default=False, repr=False, compare=False)
 
     def default_version(self) -> int | None:
-        """The highest AVAILABLE version: what a request without a version gets."""
-        ready = [v for v, s in self.slots.items() if s.status.state == State.AVAILABLE and s.served is not None]
-        return max(ready) if ready else None
+        """The highest AVAILABLE version: what a request without a version gets (cached; the registry's writes
+        invalidate it)."""
+        if not self._default_known:
+            ready = [v for v, s in self.slots.items() if s.status.state == State.AVAILABLE and s.served is not None]
+            self._default = max(ready) if ready else None
+            self._default_known = True
+        return self._default
+
+    def changed(self) -> None:
+        self._default_known = False
 
 
 class Registry:
@@ -77,16 +85,10 @@ class Registry:
             raise ServingError(Code.MODEL_VERSION_MISSING)
         return version, found
 
-    @asynccontextmanager
-    async def lease(self, name: str, version: int | None, wait: float = LOAD_WAIT_SECONDS) -> AsyncIterator[Slot]:
-        """Hold a served version for the length of a request; retiring it waits until the lease is released."""
+    def lease(self, name: str, version: int | None, wait: float = LOAD_WAIT_SECONDS) -> Lease:
+        """Hold a served version for the length of a request (`async with`); retiring it waits for the release."""
         _, slot = self.slot(name, version)
-        served = await self._ready(slot, wait)
-        served.acquire()
-        try:
-            yield slot
-        finally:
-            served.release()
+        return Lease(self, slot, wait)
 
     async def _ready(self, slot: Slot, wait: float) -> ServedVersion:
         deadline = asyncio.get_running_loop().time() + wait
@@ -113,6 +115,7 @@ class Registry:
 
     def set_status(self, name: str, status: VersionStatus) -> None:
         model = self.ensure(name)
+        model.changed()
         slot = model.slots.get(status.version)
         if slot is None:
             slot = model.slots[status.version] = Slot(status)
@@ -133,6 +136,7 @@ class Registry:
         if slot is None:
             slot = model.slots[served.version] = Slot(status)
         slot.served = served
+        model.changed()
         self.set_status(name, status)
         self._log_default(model, before)
         return old
@@ -143,6 +147,7 @@ class Registry:
         before = model.default_version()
         slot = model.slots[version]
         served, slot.served = slot.served, None
+        model.changed()
         self._log_default(model, before)
         return served
 
@@ -151,6 +156,7 @@ class Registry:
         model = self.models.get(name)
         if model is not None:
             model.slots.pop(version, None)
+            model.changed()
 
     def _log_default(self, model: Model, before: int | None) -> None:
         after = model.default_version()
@@ -160,3 +166,31 @@ class Registry:
             log.info("Model: %s will not have default version since no version is available.", model.name)
         else:
             log.info("Updated default version for model: %s, to: %d (from: %s)", model.name, after, before)
+
+
+class Lease:
+    """`async with registry.lease(...) as slot`: a plain object, not a generator-based context manager (per request)."""
+
+    __slots__ = ("_registry", "_served", "_slot", "_wait")
+
+    def __init__(self, registry: Registry, slot: Slot, wait: float) -> None:
+        self._registry = registry
+        self._slot = slot
+        self._wait = wait
+        self._served: ServedVersion | None = None
+
+    async def __aenter__(self) -> Slot:
+        slot = self._slot
+        served = slot.served
+        if slot.status.state != State.AVAILABLE or served is None:
+            served = await self._registry._ready(slot, self._wait)
+        served.acquire()
+        self._served = served
+        return slot
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._served is not None:
+            self._served.release()
+            self._served = None

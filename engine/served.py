@@ -1,12 +1,15 @@
 """A served version: one compiled model, its pool of infer requests, and the count of requests that use it.
 
 The registry hands these to requests and the lifecycle frees them; neither needs to know how they were compiled
-(engine/runtime.py makes them). Inference never blocks the event loop.
+(engine/runtime.py makes them). Inference never blocks the event loop for long: a version runs inline only after
+OpenVINO measured it faster than a thread hop (INLINE_LIMIT_S), and goes back to asynchronous if it slows down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import time
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -14,6 +17,10 @@ import numpy as np
 import openvino as ov
 
 from .tensors import OV_TO_KSERVE, TensorSpec
+
+INLINE_LIMIT_S = 0.0002  # a model this fast runs on the loop: the hop to OpenVINO's thread and back costs more
+SMALL_INPUT_BYTES = 4096  # below this an input is copied (cheaper than wrapping it), above it is wrapped in place
+INLINE_AFTER = 8  # consecutive asynchronous inferences that must be this fast first (a slow model never blocks)
 
 
 class Origin(Protocol):
@@ -60,39 +67,101 @@ class ServedVersion:
         self.auto_batch = auto_batch  # batch_size "auto": a request of another batch reshapes this version
         self.origin: Origin | None = None  # set by the lifecycle for a custom loader's model
         self._requests = [compiled.create_infer_request() for _ in range(nireq)]
-        self._idle: asyncio.Queue[ov.InferRequest] | None = None
+        self._idle: asyncio.Queue[tuple[ov.InferRequest, _Call]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inline = False  # set by _calibrate once OpenVINO's own latency says a thread hop costs more
+        self._fast = 0
         self.inflight = 0
         self._drained: asyncio.Event | None = None
 
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run one inference on an idle request; returns the outputs (copied) in the model's output order."""
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            for request in self._requests:
-                self._idle.put_nowait(request)
+        """Run one inference on an idle request; returns the outputs (owned copies) in the model's output order."""
         idle = self._idle
-        request = await idle.get()
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
+        if idle is None:
+            idle = self._start(asyncio.get_running_loop())
+        request, call = await idle.get() if idle.empty() else idle.get_nowait()
+        if self._inline:
+            return self._infer_inline(request, call, inputs)
+        done = call.done = self._loop.create_future()  # type: ignore[union-attr]
         try:
-            request.set_callback(lambda fut: loop.call_soon_threadsafe(_finish, fut), done)
-            request.start_async(dict(inputs), share_inputs=True)
+            kept = _set_inputs(request, self.inputs, inputs)
+            if kept is None:  # strings, bf16, scalars: OpenVINO's own conversion
+                request.start_async(dict(inputs), share_inputs=True)
+            else:
+                call.inputs = kept
+                request.start_async()
         except BaseException:
-            idle.put_nowait(request)
+            idle.put_nowait((request, call))
             raise
         try:
-            await asyncio.shield(done)
+            await done
         except asyncio.CancelledError:
+            if not done.cancelled():  # OpenVINO finished just before the cancel: nothing is running any more
+                idle.put_nowait((request, call))
+                raise
             # The client went away but OpenVINO still runs the request: it keeps the version (drain, free, a
-            # loader's unload) and its infer request until OpenVINO is done with it.
+            # loader's unload) and its infer request until OpenVINO is done with it (_complete gives both back).
             self.acquire()
-            done.add_done_callback(lambda _: (idle.put_nowait(request), self.release()))
+            call.abandoned = True
             raise
         try:
             request.wait()  # returns at once; raises what the asynchronous inference raised
-            return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.outputs))]
+            self._calibrate(request.latency)
+            return [_owned(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
         finally:
-            idle.put_nowait(request)
+            idle.put_nowait((request, call))
+
+    def _infer_inline(
+        self, request: ov.InferRequest, call: _Call, inputs: Mapping[str, np.ndarray]
+    ) -> list[np.ndarray]:
+        """A model measured faster than a thread hop runs on the loop: no callback, no wake-up, no GIL hand-over."""
+        try:
+            kept = _set_inputs(request, self.inputs, inputs)
+            started = time.perf_counter()
+            if kept is None:
+                request.infer(dict(inputs), share_inputs=True)
+            else:
+                call.inputs = kept
+                request.infer()
+            if time.perf_counter() - started > INLINE_LIMIT_S * 4:  # a slower shape (dynamic, auto): measure again
+                self._inline, self._fast = False, 0
+            return [_owned(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
+        finally:
+            self._idle.put_nowait((request, call))  # type: ignore[union-attr]
+
+    def _calibrate(self, latency_ms: float) -> None:
+        """After INLINE_AFTER consecutive asynchronous inferences under INLINE_LIMIT_S, run this version inline."""
+        if latency_ms < INLINE_LIMIT_S * 1000:
+            self._fast += 1
+            self._inline = self._fast >= INLINE_AFTER
+        else:
+            self._fast = 0
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[tuple[ov.InferRequest, _Call]]:
+        """The idle queue and each infer request's callback, set once (not per call) on the loop that serves."""
+        self._loop = loop
+        idle: asyncio.Queue[tuple[ov.InferRequest, _Call]] = asyncio.Queue()
+        for request in self._requests:
+            call = _Call(request)
+            request.set_callback(self._callback, call)
+            idle.put_nowait((request, call))
+        self._idle = idle
+        return idle
+
+    def _callback(self, call: _Call) -> None:
+        """OpenVINO's thread: hand the completion to the loop (the only thread that touches futures and counts)."""
+        self._loop.call_soon_threadsafe(self._complete, call)  # type: ignore[union-attr]
+
+    def _complete(self, call: _Call) -> None:
+        if call.abandoned:  # its request was cancelled: give back the infer request and the version it held
+            call.abandoned = False
+            self.release()
+            if self._idle is not None:
+                self._idle.put_nowait((call.request, call))
+            return
+        done = call.done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     # Leases: the registry counts in-flight requests so a retiring version can wait for them.
     def acquire(self) -> None:
@@ -112,11 +181,58 @@ class ServedVersion:
 
     def close(self) -> None:
         """Drop the infer requests and the compiled model (freed once the last reference goes)."""
+        for request in self._requests:  # the callback refers to this version: without this, a cycle through C++
+            request.set_callback(_ignore, None)
         self._requests.clear()
         self._idle = None
         self.compiled = None
 
 
-def _finish(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _ignore(_: object) -> None:
+    pass
+
+
+class _Call:
+    """One infer request's state across calls; the OpenVINO callback gets it as its userdata."""
+
+    __slots__ = ("abandoned", "done", "inputs", "request")
+
+    def __init__(self, request: ov.InferRequest) -> None:
+        self.request = request
+        self.done: asyncio.Future[None] | None = None
+        self.abandoned = False
+        self.inputs: list[np.ndarray] = []  # the buffers OpenVINO reads, alive until the next call replaces them
+
+
+_COPIED = frozenset({"BYTES", "BF16", "UNKNOWN"})  # OpenVINO's own conversion path: strings, bf16
+
+
+def _set_inputs(
+    request: ov.InferRequest, specs: tuple[TensorSpec, ...], feed: Mapping[str, np.ndarray]
+) -> list[np.ndarray] | None:
+    """Each input as an OpenVINO tensor over the request's own bytes: no copy (OpenVINO copies read-only arrays).
+
+    None: an input needs OpenVINO's conversion (the caller passes the arrays to start_async instead)."""
+    if any(spec.datatype in _COPIED for spec in specs):
+        return None
+    arrays = [feed[spec.name] for spec in specs]
+    if any(a.ndim == 0 or not a.flags.c_contiguous for a in arrays):
+        return None
+    kept = []
+    for i, array in enumerate(arrays):
+        if not array.flags.writeable and array.nbytes < SMALL_INPUT_BYTES:
+            array = array.copy()  # a few bytes: copying costs less than the ctypes view below
+        elif not array.flags.writeable:  # OpenVINO only reads inputs; a writable view over the same memory
+            raw = (ctypes.c_char * array.nbytes).from_address(array.ctypes.data)
+            kept.append(array)
+            array = np.frombuffer(raw, array.dtype).reshape(array.shape)
+        kept.append(array)
+        request.set_input_tensor(i, ov.Tensor(array, shared_memory=True))
+    return kept
+
+
+def _owned(view: np.ndarray) -> np.ndarray:
+    """One copy out of OpenVINO's memory (reused by the next call) into bytes that codec.encode sends as they are."""
+    if view.dtype.kind not in "biufc":
+        return np.array(view, copy=True)
+    return np.frombuffer(view.tobytes(), view.dtype).reshape(view.shape)

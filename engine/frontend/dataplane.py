@@ -22,6 +22,7 @@ __all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "parse_version", "val
 
 PLATFORM = "OpenVINO"
 RESHAPE_ATTEMPTS = 2  # a reshape a concurrent reload superseded is tried once more
+_WALL_MINUS_PERF_NS = time.time_ns() - time.perf_counter_ns()  # wall time from the request's perf_counter reading
 
 
 @dataclass(frozen=True)
@@ -123,25 +124,24 @@ class DataPlane:
 
         A request whose shape differs from an `auto` version's reshapes that version once, then runs.
         """
-        if self._observe is None:
-            return await self._infer(name, version, inputs, outputs)
-        started = time.perf_counter()
+        started = time.perf_counter_ns()  # the one clock pair of a request: statistics and metrics share it
         try:
-            result = await self._infer(name, version, inputs, outputs)
+            number, results, elapsed = await self._infer(name, version, inputs, outputs, started)
         except BaseException:
-            self._observe(name, version, api, False, time.perf_counter() - started)
+            if self._observe is not None:
+                self._observe(name, version, api, False, (time.perf_counter_ns() - started) / 1e9)
             raise
-        self._observe(name, result[0], api, True, time.perf_counter() - started)
-        return result
+        if self._observe is not None:
+            self._observe(name, number, api, True, elapsed / 1e9)
+        return number, results
 
     async def _infer(
-        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str]
-    ) -> tuple[int, list[Tensor]]:
+        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str], started: int
+    ) -> tuple[int, list[Tensor], int]:
         for attempt in range(RESHAPE_ATTEMPTS + 1):
             async with self.registry.lease(name, version) as slot:
                 served = slot.served
                 assert served is not None
-                started = time.perf_counter_ns()
                 try:
                     feed = validate(served, inputs, reshape_allowed=attempt < RESHAPE_ATTEMPTS)
                     if isinstance(feed, Reshape):
@@ -154,13 +154,17 @@ class DataPlane:
                     slot.stats.failure_ns += time.perf_counter_ns() - started
                     raise
                 if not isinstance(feed, Reshape):
-                    slot.stats.success += 1
-                    slot.stats.success_ns += time.perf_counter_ns() - started
-                    slot.stats.last_inference_ms = int(time.time() * 1000)
-                    return served.version, [
-                        Tensor(served.outputs[i].name, served.outputs[i].datatype, tuple(results[i].shape), results[i])
-                        for i in order
-                    ]
+                    now = time.perf_counter_ns()
+                    stats = slot.stats
+                    stats.success += 1
+                    stats.success_ns += now - started
+                    stats.last_inference_ms = (now + _WALL_MINUS_PERF_NS) // 1_000_000
+                    specs = served.outputs
+                    return (
+                        served.version,
+                        [Tensor(specs[i].name, specs[i].datatype, results[i].shape, results[i]) for i in order],
+                        now - started,
+                    )
             await self._reshape(name, number, feed.shapes)  # False: a reload replaced it meanwhile; look again
             version = number
         raise AssertionError("unreachable: the last attempt never asks for a reshape")

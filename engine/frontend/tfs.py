@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..errors import Code, ServingError
 from ..safe_text import safe
 from ..status import ErrorCode
 from ..tensors import TensorSpec
-from . import offload
+from . import codec, offload
 from .dataplane import DataPlane, Tensor
 from .generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from .generated.tensorflow.core.protobuf import meta_graph_pb2
@@ -67,13 +66,14 @@ def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
     """tensor_content (raw, zero-copy) or the typed *_val field; the value count must match the shape exactly."""
     datatype = datatype_of(proto.dtype, name)
     shape = [d.size for d in proto.tensor_shape.dim]
-    if proto.tensor_content:
+    content = proto.tensor_content  # read once: each read of a bytes field makes a new bytes object
+    if content:
         if datatype == "BYTES":
             raise ServingError(
                 Code.INVALID_CONTENT_SIZE,
                 f"DT_STRING must be sent in string_val, not tensor_content; input name: {safe(name)}",
             )
-        return make_tensor(name, datatype, shape, raw=proto.tensor_content)
+        return make_tensor(name, datatype, shape, raw=content)
     return make_tensor(name, datatype, shape, values=getattr(proto, _VALUES[datatype]), half_bits=datatype == "FP16")
 
 
@@ -87,7 +87,7 @@ def encode(tensor: Tensor) -> tensor_pb2.TensorProto:
     if tensor.datatype == "BYTES":
         proto.string_val.extend(x if isinstance(x, bytes) else str(x).encode() for x in tensor.data.reshape(-1))
     else:
-        proto.tensor_content = np.ascontiguousarray(tensor.data).tobytes()
+        proto.tensor_content = codec.encode(tensor.data)  # served outputs are their bytes already: no copy
     return proto
 
 
