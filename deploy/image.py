@@ -86,12 +86,20 @@ def base_image(cli: list[str]) -> str:
     return LOCAL_BASE
 
 
+BASE_PYTHON = (3, 11)  # the Python of the default base image (python:3.11-slim-bookworm, or Debian bookworm's)
+
+
 def build() -> None:
     cli = engine()
     wheels = BUILD / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     started = time.monotonic()
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(ROOT))
+    wheels.mkdir(parents=True)
+    if sys.version_info[:2] == BASE_PYTHON:  # wheels built here only fit a base image with the same Python
+        run(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(ROOT))
+    else:  # the Containerfile's first stage installs from the package index instead
+        print(f"host Python {sys.version_info[0]}.{sys.version_info[1]} is not the image's "
+              f"{BASE_PYTHON[0]}.{BASE_PYTHON[1]}: the image installs from the package index")  # fmt: skip
     base = base_image(cli)
     run(*cli, "build", "--network", "host", "--build-arg", f"BASE={base}", "-t", IMAGE, "-f",
         str(ROOT / "Containerfile"), str(ROOT))  # fmt: skip
