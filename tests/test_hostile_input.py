@@ -318,3 +318,14 @@ def test_client_error_log_is_bounded_over_all_models(caplog: pytest.LogCaptureFi
         errors.report("kserve", "made-up-0", ServingError(Code.MODEL_NAME_MISSING))
     assert "Rejected 4980 more client requests" in caplog.records[MAX_LINES].getMessage()
     assert len(errors._seen) <= MAX_KEYS
+
+
+def test_a_bytes_tensor_of_millions_of_elements_is_refused_before_any_loop() -> None:
+    from engine.errors import ServingError
+    from engine.frontend.tensor import MAX_BYTES_ELEMENTS, make_tensor
+
+    count = MAX_BYTES_ELEMENTS * 4
+    with pytest.raises(ServingError, match=rf"{count} BYTES elements, more than the limit.*input name: s"):
+        make_tensor("s", "BYTES", [count], raw=b"\0\0\0\0" * count)  # all empty strings: 16 MiB of prefixes
+    ok = make_tensor("s", "BYTES", [2], raw=b"\1\0\0\0a\0\0\0\0")
+    assert ok.data.tolist() == [b"a", b""]

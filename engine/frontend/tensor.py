@@ -21,6 +21,7 @@ from ..tensors import KSERVE_TO_NUMPY
 
 MAX_DIMS = 32  # more axes than any model has; numpy itself stops at 64
 MAX_ELEMENTS = 1 << 32  # a bound on the element count (zero dims aside), far above what a request's bytes can carry
+MAX_BYTES_ELEMENTS = 1 << 20  # BYTES elements are Python objects (~0.5 µs and ~60 bytes each): bound the cost
 
 _PREFIX = struct.Struct("<I")
 
@@ -83,6 +84,8 @@ def make_tensor(
         raise ServingError(Code.INVALID_ARGUMENT, f"an input name must be a string, got {safe(repr(name), 40)}")
     dtype = _dtype(name, datatype)
     dims, count = check_shape(name, shape)
+    if datatype == "BYTES" and count > MAX_BYTES_ELEMENTS:  # before any loop over the contents
+        raise _fail(Code.INVALID_SHAPE, f"{count} BYTES elements, more than the limit of {MAX_BYTES_ELEMENTS}", name)
     if raw is not None:
         data = _from_raw(name, datatype, dtype, count, raw)
     else:
