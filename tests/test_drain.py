@@ -14,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import model_entry
+from fleetsim import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import ServerProcess, free_port
 
@@ -32,14 +32,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 SLOW = {"nireq": 1, "plugin_config": {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"}}
 IN_FLIGHT = 4
 STAMP = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]"
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(step)
 
 
 def logged_at(server: ServerProcess, pattern: str) -> float:

@@ -10,9 +10,7 @@ import asyncio
 import logging
 import os
 import subprocess
-import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +18,10 @@ import numpy as np
 import pytest
 from cffi import FFI
 from lifecycle_env import Env, X, aio, loader_options
-from loader_fixtures import BUILD
 
 from engine.errors import ServingError
 from engine.frontend.dataplane import Tensor
-from engine.lifecycle import KEEP_ENDED
 from engine.status import State
-from engine.supervise import Supervisor
 
 SPECIFIC_2 = {"specific": {"versions": [2]}}  # with only version 1 on disk: version 1 retires
 
@@ -389,42 +384,6 @@ async def test_a_cancelled_request_holds_the_version_until_openvino_returns(env:
     await env.close()
 
 
-# ---- 8. background tasks are supervised ----
-@aio
-async def test_a_crashing_background_loop_is_logged_and_restarted(caplog: Any) -> None:
-    supervisor = Supervisor(restart_first=0.01)
-    runs: list[int] = []
-    started = asyncio.Event()
-
-    async def watcher() -> None:
-        runs.append(1)
-        if len(runs) == 1:
-            raise PermissionError(13, "Permission denied", "/models/m")
-        started.set()
-        await asyncio.Event().wait()
-
-    with caplog.at_level(logging.ERROR, "hotserve.server"):
-        supervisor.keep("watcher", watcher)
-        await asyncio.wait_for(started.wait(), 10)
-    assert supervisor.crashes == {"watcher": 1} and len(runs) == 2
-    assert "Background task watcher failed; restarting it" in caplog.text and "PermissionError" in caplog.text
-    await supervisor.stop()  # never raises
-
-
-@aio
-async def test_a_failing_one_shot_task_is_reported(caplog: Any) -> None:
-    supervisor = Supervisor()
-
-    async def free() -> None:
-        raise ValueError("boom")
-
-    with caplog.at_level(logging.ERROR, "hotserve.server"):
-        supervisor.spawn("free m 1", free())
-        await supervisor.wait()
-    assert "Background task free m 1 failed" in caplog.text and "ValueError: boom" in caplog.text
-    await supervisor.stop()
-
-
 # ---- 9. an invalid entry at start-up fails that model only ----
 @aio
 async def test_a_semantically_invalid_entry_at_start_up_is_listed_with_its_error(env: Env) -> None:
@@ -521,86 +480,6 @@ async def test_an_invalid_entry_removed_from_the_config_leaves_no_ghost(env: Env
 
 
 @aio
-async def test_a_crashing_watch_loop_leaves_no_live_watch(tmp_path: Path) -> None:
-    from engine.watcher import Watcher
-
-    calls = 0
-
-    def base_paths() -> set[Path]:
-        nonlocal calls
-        calls += 1
-        if calls % 2 == 0:  # the loop crashes right after it started a watch
-            raise PermissionError(13, "Permission denied", str(tmp_path))
-        return {tmp_path}
-
-    supervisor = Supervisor(restart_first=0.01, restart_max=0.02)
-    Watcher(None, base_paths, lambda: None, 0.02).start(supervisor)
-
-    def watches() -> list[asyncio.Task[Any]]:
-        return [t for t in asyncio.all_tasks() if "_watch_once" in repr(t.get_coro())]
-
-    deadline = asyncio.get_running_loop().time() + 20
-    while supervisor.crashes.get("watcher", 0) < 5 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    assert supervisor.crashes.get("watcher", 0) >= 5
-    assert len(watches()) <= 1, "each crash must stop the watch it started"
-    await supervisor.stop()
-    await asyncio.sleep(0)
-    assert watches() == []
-
-
-def test_metrics_drop_the_series_of_forgotten_versions() -> None:
-    from engine.metrics import Metrics
-    from engine.registry import Registry
-    from engine.status import VersionStatus
-
-    registry = Registry()
-    for version in (1, 2):
-        registry.set_status("m", VersionStatus(version, State.AVAILABLE))
-
-    @dataclass(frozen=True)
-    class Counts:
-        runs: int = 1
-        failed_runs: int = 0
-
-    metrics = Metrics(registry, Counts(), None)
-    metrics.observe("m", 1, "kserve", True, 0.001)
-    metrics.observe("m", 2, "kserve", True, 0.001)
-    assert b'version="1"' in metrics.render()
-    registry.forget("m", 1)
-    text = metrics.render()
-    assert b'hotserve_requests_total{api="kserve",model="m",version="2"}' in text
-    assert b'hotserve_requests_total{api="kserve",model="m",version="1"}' not in text
-
-
-@aio
-async def test_only_the_last_ended_versions_are_kept(env: Env) -> None:
-    env.model("m")
-    for version in range(1, KEEP_ENDED + 4):
-        env.version("m", version)
-        assert (await env.reload()).ok
-    await env.reconciler.settle()
-    slots = env.registry.models["m"].slots
-    assert len(slots) == KEEP_ENDED + 1 and max(slots) == KEEP_ENDED + 3
-    assert sum(s.status.state == State.END for s in slots.values()) == KEEP_ENDED
-    await env.close()
-
-
-def test_the_design_arrows_hold() -> None:
-    """registry ↛ runtime, tensors ↛ openvino, cli ↮ status_cli, metrics ↛ reconciler (imports, read from source)."""
-    root = BUILD.parent / "engine"
-
-    def imports(module: str) -> str:
-        return "\n".join(line for line in (root / module).read_text().splitlines() if "import" in line)
-
-    assert "runtime" not in imports("registry.py")
-    assert "openvino" not in imports("tensors.py")
-    assert ".cli" not in imports("status_cli.py") and "status_cli" not in imports("usage.py")
-    assert "reconciler" not in imports("metrics.py")
-    assert "runtime" not in imports("frontend/dataplane.py")
-
-
-@aio
 async def test_loader_removed_during_a_reshape_compile_is_deinitialised_after_it(env: Env, counters: Any) -> None:
     counters.reset()
     env.loader()
@@ -623,44 +502,3 @@ async def test_loader_removed_during_a_reshape_compile_is_deinitialised_after_it
     assert (counters["load_model"], counters["unload_model"], counters["live_buffers"], counters["deinit"]) == (
         2, 2, 0, 1)  # fmt: skip
     await env.close()
-
-
-SERVER_WITH_A_DYING_WATCHER = """
-import asyncio, logging, sys
-from pathlib import Path
-sys.path.insert(0, "tests")
-from lifecycle_env import Env
-from engine.server import Server, Settings
-from engine.status import State
-from engine.supervise import Supervisor
-
-logging.basicConfig(level=logging.ERROR, stream=sys.stdout, format="%(name)s %(message)s")
-
-async def main(root):
-    env = Env(root)
-    env.version("m", 1)
-    env.model("m")
-    env.write()
-    server = Server(Settings(config_path=env.path, port=0, grpc_bind_address="127.0.0.1"))
-    server.supervisor = Supervisor(restart_first=0.01)
-
-    def broken():
-        raise PermissionError(13, "Permission denied", str(root / "models"))
-
-    server.watcher._base_paths = broken  # the watch loop dies on every pass
-    await server.start()
-    await env.until(lambda: server.supervisor.crashes.get("watcher", 0) >= 2, "the watcher to crash twice")
-    await server.stop()  # must not raise
-    print("END" if server.registry.models["m"].slots[1].status.state == State.END else "NOT FREED")
-
-asyncio.run(main(Path(sys.argv[1])))
-"""
-
-
-def test_server_stop_never_raises_because_a_background_task_died(tmp_path: Path) -> None:
-    # its own process: the server's generated protos and tritonclient's (loaded by other tests) share names
-    done = subprocess.run([sys.executable, "-c", SERVER_WITH_A_DYING_WATCHER, str(tmp_path)], cwd=BUILD.parent,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Background task watcher failed; restarting it" in done.stdout and "PermissionError" in done.stdout
-    assert done.stdout.strip().endswith("END"), "stopped in order: the version was freed"
