@@ -21,26 +21,53 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+WATCH_FLUSH_SECONDS = 1.0  # at stop, how long open Watch streams get to send their last status
+
+
+class _Sent:
+    """A Watch stream's context, recording the last status it wrote."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, service: str) -> None:
+        self._context = context
+        self.service = service
+        self.status: int | None = None
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        self.status = message.status
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._context, name)
+
+
 class _Servicer(health.aio.HealthServicer):
     """grpcio's servicer, whose Watch streams can be ended: an open one would hold shutdown for the whole grace."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.watches: set[asyncio.Task[object]] = set()
+        self.watches: dict[asyncio.Task[object], _Sent] = {}
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         task = asyncio.current_task()
+        sent = _Sent(context, request.service)
         if task is not None:
-            self.watches.add(task)
+            self.watches[task] = sent
         try:
-            await super().Watch(request, context)
+            await super().Watch(request, sent)  # type: ignore[arg-type]
         except asyncio.CancelledError:
-            return  # ended by end_watches(): the client was already told NOT_SERVING
+            return  # ended by end_watches(), once the client was told the last status
         finally:
             if task is not None:
-                self.watches.discard(task)
+                self.watches.pop(task, None)
 
-    def end_watches(self) -> None:
+    async def end_watches(self) -> None:
+        """End every open Watch once it has sent the current status (bounded), so it never holds the shutdown."""
+        deadline = asyncio.get_running_loop().time() + WATCH_FLUSH_SECONDS
+        while asyncio.get_running_loop().time() < deadline and any(
+            sent.status != self._server_status.get(sent.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            for sent in self.watches.values()
+        ):
+            await asyncio.sleep(0.005)
         for task in list(self.watches):
             task.cancel()
 
@@ -83,8 +110,10 @@ class Health:
         self._draining = asyncio.create_task(self.servicer.enter_graceful_shutdown())
 
     async def stop(self) -> None:
-        await self.servicer.enter_graceful_shutdown()  # idempotent: drain() may have run it already
-        self.servicer.end_watches()  # NOT_SERVING was sent; an open Watch must not hold the shutdown grace
+        if self._draining is not None:
+            await self._draining  # drain() began the shutdown: every status NOT_SERVING first
+        await self.servicer.enter_graceful_shutdown()  # idempotent
+        await self.servicer.end_watches()
 
 
 def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
