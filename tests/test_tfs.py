@@ -320,7 +320,7 @@ def _content(array: np.ndarray) -> tensor_pb2.TensorProto:
     ],
 )  # fmt: skip
 def test_decode_typed_fields(dtype: int, field: str, values: list, expected: np.ndarray) -> None:  # type: ignore[type-arg]
-    tensor = tfs.decode("in", typed(dtype, (2, 1), field, values))
+    tensor = tfs.decode("in", typed(dtype, (2, 1), field, values).SerializeToString())
     assert tensor.shape == (2, 1) and tensor.data.shape == (2, 1)
     assert tensor.data.dtype == expected.dtype
     assert tensor.data.ravel().tolist() == expected.tolist()
@@ -330,7 +330,7 @@ def test_decode_content_zero_copy_and_encode_round_trip() -> None:
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
     proto = _content(array)
     assert proto.dtype == types_pb2.DT_FLOAT and not proto.float_val
-    tensor = tfs.decode("t", proto)
+    tensor = tfs.decode("t", proto.SerializeToString())
     assert tensor.datatype == "FP32" and not tensor.data.flags.owndata  # a view over the message's bytes
     np.testing.assert_array_equal(tensor.data, array)
     half = tfs.encode(Tensor("h", "FP16", (2,), np.array([1.5, 2], np.float16)))
@@ -355,7 +355,7 @@ def test_decode_content_zero_copy_and_encode_round_trip() -> None:
 )  # fmt: skip
 def test_decode_errors_name_the_input(proto: tensor_pb2.TensorProto, code: Code, detail: str) -> None:
     with pytest.raises(ServingError) as caught:
-        tfs.decode("in0", proto)
+        tfs.decode("in0", proto.SerializeToString())
     assert caught.value.code is code
     assert detail in str(caught.value)
     assert "input name: in0" in str(caught.value)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -89,7 +88,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if wire.malformed is not None:
             raise ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid ModelInferRequest: {wire.malformed}")
         request = wire.message
-        inputs = await offload.decode(wire.size, _decode_inputs, request, wire.raw)
+        inputs = await offload.decode(wire.size, _decode_inputs, wire)
         outputs = [o.name for o in request.outputs]
         version, results = await self.plane.infer(
             request.model_name, parse_version(request.model_version), inputs, outputs
@@ -155,8 +154,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise ServingError(Code.CONFIG_FROM_FILE_ONLY, "remove the model from models.json to unload it")
 
 
-def _decode_inputs(request: pb.ModelInferRequest, raw: Sequence[memoryview]) -> list[Tensor]:
-    if raw and any(t.HasField("contents") for t in request.inputs):
+def _decode_inputs(wire: kserve_wire.InferRequest) -> list[Tensor]:
+    request, raw = wire.message, wire.raw
+    if raw and any(c is not None for c in wire.contents):
         raise ServingError(Code.INVALID_MESSAGE_STRUCTURE)
     if raw and len(raw) != len(request.inputs):
         raise ServingError(
@@ -174,7 +174,7 @@ def _decode_inputs(request: pb.ModelInferRequest, raw: Sequence[memoryview]) -> 
                 Code.INVALID_MESSAGE_STRUCTURE,
                 f"{tensor.datatype} must be sent in raw_input_contents; input name: {safe(tensor.name)}",
             )
-        values = getattr(tensor.contents, field) if field else ()
+        values = kserve_wire.typed(tensor.name, wire.contents[i], field) if field else []
         tensors.append(make_tensor(tensor.name, tensor.datatype, tensor.shape, values=values))
     return tensors
 

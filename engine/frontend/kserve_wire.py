@@ -1,25 +1,33 @@
-"""ModelInferRequest bytes → the message without its raw contents, plus each raw content as a zero-copy view.
+"""ModelInferRequest bytes → the message without its tensor contents, plus each content still encoded, as views.
 
-Parsing a 200 MB request with protobuf copies every raw content into a new bytes object while holding the GIL
-(≈0.5 s that no other client gets served); scanning the top-level fields finds the raw contents' spans instead, and
-only the small rest is parsed by protobuf.
+Protobuf would copy every raw content and turn typed contents into Python numbers, on the event loop; here only the
+small rest is parsed there (see wire.py), and the contents are decoded later in a decoder thread by `typed()`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from google.protobuf.message import DecodeError
 
+from ..errors import Code, ServingError
+from ..safe_text import safe
+from . import wire
 from .generated.inference import grpc_service_pb2 as pb
+from .tensor import MAX_BYTES_ELEMENTS
 
-_RAW_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_FIELDS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name
+_INPUTS, _RAW = _FIELDS["inputs"].number, _FIELDS["raw_input_contents"].number
+_CONTENTS = pb.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name["contents"].number
+_TYPED = pb.InferTensorContents.DESCRIPTOR.fields_by_name
 
 
 @dataclass(frozen=True)
 class InferRequest:
-    message: pb.ModelInferRequest  # every field but raw_input_contents
+    message: pb.ModelInferRequest  # every field but raw_input_contents and the inputs' contents
     raw: tuple[memoryview, ...]  # views into the received bytes
+    contents: tuple[memoryview | bytes | None, ...]  # each input's encoded InferTensorContents, None when absent
     size: int  # bytes on the wire
     malformed: str | None = None  # not a ModelInferRequest: answered INVALID_ARGUMENT by the handler, not UNKNOWN
 
@@ -28,65 +36,36 @@ class InferRequest:
         return self.message.model_name
 
 
-class _Malformed(Exception):
-    pass
-
-
-def _varint(data: memoryview, offset: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if offset >= len(data) or shift > 63:
-            raise _Malformed
-        byte = data[offset]
-        offset += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, offset
-        shift += 7
-
-
 def parse(data: bytes) -> InferRequest:
-    """The deserializer of ModelInfer; anything the scanner does not understand is left to protobuf to judge."""
-    view = memoryview(data)
+    """The deserializer of ModelInfer: walks the top-level fields and each input's, never a content's values."""
     try:
-        try:
-            header, raw = _split(view)
-        except _Malformed:  # e.g. a group field protobuf skips: let protobuf parse it all
-            message = pb.ModelInferRequest.FromString(data)
-            raw = tuple(memoryview(r) for r in message.raw_input_contents)
-            message.ClearField("raw_input_contents")
-            return InferRequest(message, raw, len(data))
-        return InferRequest(pb.ModelInferRequest.FromString(header), raw, len(data))
-    except DecodeError as exc:  # raised here it would reach the client as UNKNOWN, with a traceback in the log
-        return InferRequest(pb.ModelInferRequest(), (), len(data), malformed=str(exc) or "cannot be parsed")
-
-
-def _split(view: memoryview) -> tuple[bytes, tuple[memoryview, ...]]:
-    rest: list[memoryview] = []
-    raw: list[memoryview] = []
-    offset = 0
-    while offset < len(view):
-        start = offset
-        tag, offset = _varint(view, offset)
-        kind = tag & 7
-        if kind == 0:
-            _, offset = _varint(view, offset)
-        elif kind == 1:
-            offset += 8
-        elif kind == 5:
-            offset += 4
-        elif kind == 2:
-            length, offset = _varint(view, offset)
-            if tag >> 3 == _RAW_FIELD:
-                if offset + length > len(view):
-                    raise _Malformed
-                raw.append(view[offset : offset + length])
-                offset += length
+        rest, found = wire.split(data, (_INPUTS, _RAW))
+        message = pb.ModelInferRequest.FromString(rest)
+        raw: list[memoryview] = []
+        contents: list[memoryview | bytes | None] = []
+        for field in found:
+            if field.kind != wire.BYTES:  # a wire type that does not fit: protobuf keeps it as an unknown field
                 continue
-            offset += length
-        else:  # groups: no field of this message uses them
-            raise _Malformed
-        if offset > len(view):
-            raise _Malformed
-        rest.append(view[start:offset])
-    return b"".join(rest), tuple(raw)
+            if field.number == _RAW:
+                raw.append(field.data)
+                continue
+            tensor_rest, tensor_found = wire.split(field.data, (_CONTENTS,))
+            message.inputs.add().MergeFromString(tensor_rest)
+            contents.append(wire.joined(tensor_found, _CONTENTS))
+        return InferRequest(message, tuple(raw), tuple(contents), len(data))
+    except (DecodeError, wire.Malformed) as exc:  # raised here it would reach the client as UNKNOWN
+        return InferRequest(pb.ModelInferRequest(), (), (), len(data), malformed=str(exc) or "cannot be parsed")
+
+
+def typed(name: str, contents: memoryview | bytes | None, field: str) -> np.ndarray | list[bytes]:
+    """Input `name`'s values in the InferTensorContents field its datatype uses, decoded without Python numbers."""
+    if contents is None:
+        return []
+    descriptor = _TYPED[field]
+    try:
+        _, found = wire.split(contents, (descriptor.number,), limit=MAX_BYTES_ELEMENTS + 64)
+        return wire.repeated(found, descriptor)
+    except wire.Malformed as exc:
+        raise ServingError(
+            Code.INVALID_ARGUMENT, f"the contents are not a valid InferTensorContents: {exc}; input name: {safe(name)}"
+        ) from None

@@ -5,17 +5,16 @@ PredictionService: Predict, GetModelMetadata. ModelService: GetModelStatus, Hand
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from ..errors import Code, ServingError
 from ..safe_text import safe
 from ..status import ErrorCode
 from ..tensors import TensorSpec
-from . import codec, offload
+from . import codec, offload, tfs_wire
 from .dataplane import DataPlane, Tensor
 from .generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from .generated.tensorflow.core.protobuf import meta_graph_pb2
@@ -62,11 +61,12 @@ def datatype_of(dtype: int, name: str) -> str:
     return datatype
 
 
-def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
+def decode(name: str, encoded: memoryview | bytes) -> Tensor:
     """tensor_content (raw, zero-copy) or the typed *_val field; the value count must match the shape exactly."""
-    datatype = datatype_of(proto.dtype, name)
-    shape = [d.size for d in proto.tensor_shape.dim]
-    content = proto.tensor_content  # read once: each read of a bytes field makes a new bytes object
+    scanned = tfs_wire.tensor(name, encoded)
+    datatype = datatype_of(scanned.proto.dtype, name)
+    shape = [d.size for d in scanned.proto.tensor_shape.dim]
+    content = scanned.content
     if content:
         if datatype == "BYTES":
             raise ServingError(
@@ -74,11 +74,11 @@ def decode(name: str, proto: tensor_pb2.TensorProto) -> Tensor:
                 f"DT_STRING must be sent in string_val, not tensor_content; input name: {safe(name)}",
             )
         return make_tensor(name, datatype, shape, raw=content)
-    return make_tensor(name, datatype, shape, values=getattr(proto, _VALUES[datatype]), half_bits=datatype == "FP16")
+    return make_tensor(name, datatype, shape, values=scanned.values(_VALUES[datatype]), half_bits=datatype == "FP16")
 
 
-def _decode_all(request: predict_pb2.PredictRequest) -> list[Tensor]:
-    return [decode(name, proto) for name, proto in request.inputs.items()]
+def _decode_all(inputs: Sequence[tuple[str, memoryview | bytes]]) -> list[Tensor]:
+    return [decode(name, encoded) for name, encoded in inputs]
 
 
 def encode(tensor: Tensor) -> tensor_pb2.TensorProto:
@@ -104,14 +104,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.plane = plane
 
     @guarded
-    async def Predict(self, sized: Sized, context: Any) -> predict_pb2.PredictResponse:
+    async def Predict(self, sized: tfs_wire.Predict, context: Any) -> predict_pb2.PredictResponse:
         if sized.malformed is not None:
             raise ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid PredictRequest: {sized.malformed}")
         request = sized.message
         if not request.HasField("model_spec"):
             raise ServingError(Code.MODEL_SPEC_MISSING)
         spec = request.model_spec
-        inputs = await offload.decode(sized.size, _decode_all, request)
+        inputs = await offload.decode(sized.size, _decode_all, sized.inputs)
         version, outputs = await self.plane.infer(
             spec.name, _version(spec), inputs, list(request.output_filter), api="tfs"
         )
@@ -179,31 +179,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-@dataclass(frozen=True)
-class Sized:
-    """A PredictRequest and its size on the wire (protobuf's ByteSize re-serializes: slow for big requests)."""
-
-    message: predict_pb2.PredictRequest
-    size: int
-    malformed: str | None = None  # not a PredictRequest: answered INVALID_ARGUMENT by the handler, not UNKNOWN
-
-    @property
-    def model_spec(self) -> Any:
-        return self.message.model_spec
-
-
-def _parse_predict(data: bytes) -> Sized:
-    try:
-        return Sized(predict_pb2.PredictRequest.FromString(data), len(data))
-    except DecodeError as exc:  # raised here it would reach the client as UNKNOWN, with a traceback in the log
-        return Sized(predict_pb2.PredictRequest(), len(data), str(exc) or "cannot be parsed")
-
-
 def register(server: grpc.aio.Server, plane: DataPlane) -> list[str]:
     servicer = PredictionServicer(plane)
     predict = grpc.unary_unary_rpc_method_handler(
         servicer.Predict,
-        request_deserializer=_parse_predict,
+        request_deserializer=tfs_wire.parse,  # tensor contents stay views into the received bytes
         response_serializer=predict_pb2.PredictResponse.SerializeToString,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
