@@ -151,6 +151,8 @@ def _varints(octets: np.ndarray) -> np.ndarray:
     if octets[-1] & 0x80:
         raise Malformed("truncated varint")
     ends = np.flatnonzero(octets < 0x80)
+    if ends.size == octets.size:  # every value below 128 (BOOL, small integers): one byte each
+        return octets.astype(np.uint64)
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
