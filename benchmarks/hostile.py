@@ -3,7 +3,10 @@
 1. p50/p99 of a tiny model for a well-behaved tritonclient alone, then while another process sends junk in a loop:
    200 MB KServe requests whose raw contents do not fit the shape, 1 000-element BYTES garbage, and (REST) a 200 MB
    JSON body. Goal: p99 with junk ≤ 2 × p99 alone.
-2. Request latency over TLS vs plaintext, tiny and conv models. Goal: tiny p50 overhead ≤ 0.15 ms.
+   A control sends the same junk to a second server process: what the junk costs the machine (2 shared cores),
+   as against what it costs the server it is sent to.
+2. Request latency over TLS vs plaintext, tiny and conv models, hotserve and the bare grpc.aio server
+   (benchmarks/bare_grpc.py) all running at once and measured in turns. Goal: tiny p50 overhead ≤ 0.15 ms.
 
 Prints a table and writes benchmarks/results/hostile.json.
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import multiprocessing
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +48,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def latencies(client, model: str, name: str, x: np.ndarray, seconds: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _samples(client, model: str, name: str, x: np.ndarray, seconds: float) -> list[float]:  # type: ignore[no-untyped-def]
     import tritonclient.grpc as grpcclient
 
     tensor = grpcclient.InferInput(name, list(x.shape), "FP32")
@@ -57,9 +61,17 @@ def latencies(client, model: str, name: str, x: np.ndarray, seconds: float) -> d
         t0 = time.perf_counter()
         client.infer(model, [tensor])
         samples.append((time.perf_counter() - t0) * 1000)
+    return samples
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
     flat = np.array(samples)
     return {"requests": int(flat.size), "p50_ms": float(np.percentile(flat, 50)),
             "p99_ms": float(np.percentile(flat, 99)), "max_ms": float(flat.max())}  # fmt: skip
+
+
+def latencies(client, model: str, name: str, x: np.ndarray, seconds: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    return _stats(_samples(client, model, name, x, seconds))
 
 
 def _junk_grpc(address: str, stop: Any, sent: Any) -> None:
@@ -111,6 +123,29 @@ def under_junk(kind: str, target: str, measure) -> tuple[dict[str, float], int]:
     return result, int(sent.value)
 
 
+def _bare(tmp: Path, name: str, tls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = tmp / f"{name}.port"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_grpc.py")), str(port_file), *tls])
+    deadline = time.monotonic() + 30
+    while not port_file.exists() or not port_file.read_text():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{name}: bare server did not start")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{port_file.read_text()}"
+
+
+def interleaved(targets: dict[str, tuple[Any, str, str, np.ndarray]], seconds: float, rounds: int = 8
+                ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Each target measured in turn, `rounds` times: drifting machine load hits every target alike."""
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for index in range(rounds):
+        order = list(targets)[index % len(targets) :] + list(targets)[: index % len(targets)]
+        for name in order:
+            client, model, input_name, x = targets[name]
+            samples[name].extend(_samples(client, model, input_name, x, seconds / rounds))
+    return {name: _stats(values) for name, values in samples.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=6.0)
@@ -119,7 +154,7 @@ def main() -> int:
     seconds = 2.0 if args.quick else args.seconds
     import tritonclient.grpc as grpcclient
 
-    results: dict[str, object] = {"seconds": seconds, "junk_mb": JUNK_MB}
+    results: dict[str, Any] = {"seconds": seconds, "junk_mb": JUNK_MB}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         modelgen.add_const(tmp / "models" / "tiny" / "1")
@@ -131,59 +166,92 @@ def main() -> int:
         ]}))  # fmt: skip
         ca = CA(tmp / "pki")
         pair = ca.issue("server")
+        conv_x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
 
-        # ---- 1. a junk client next to a well-behaved one ----
-        port = free_port()
-        server = ServerProcess(["--config_path", str(config), "--port", "0", "--rest_port", str(port),
-                                "--file_system_poll_wait_seconds", "0"], tmp / "plain.log").wait_ready()  # fmt: skip
+        # ---- 1. a junk client next to a well-behaved one; the control sends the same junk to another process ----
+        def serve(name: str, *extra: str) -> ServerProcess:
+            return ServerProcess(["--config_path", str(config), "--port", "0", "--file_system_poll_wait_seconds", "0",
+                                  *extra], tmp / f"{name}.log").wait_ready()  # fmt: skip
+
+        port, other_port = free_port(), free_port()
+        server, other = serve("plain", "--rest_port", str(port)), serve("other", "--rest_port", str(other_port))
         try:
             client = grpcclient.InferenceServerClient(server.address)
-            alone = latencies(client, "tiny", "b", X, seconds)
-            grpc_junk, grpc_sent = under_junk("grpc", server.address,
-                                              lambda: latencies(client, "tiny", "b", X, seconds))  # fmt: skip
-            rest_junk, rest_sent = under_junk("rest", f"http://127.0.0.1:{port}",
-                                              lambda: latencies(client, "tiny", "b", X, seconds))  # fmt: skip
-            plain_tiny = latencies(client, "tiny", "b", X, seconds)
-            conv_x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-            plain_conv = latencies(client, "conv", "input", conv_x, seconds)
+            measure = lambda: latencies(client, "tiny", "b", X, seconds)  # noqa: E731
+            alone = measure()
+            control, control_sent = under_junk("grpc", other.address, measure)
+            grpc_junk, grpc_sent = under_junk("grpc", server.address, measure)
+            rest_control, rest_control_sent = under_junk("rest", f"http://127.0.0.1:{other_port}", measure)
+            rest_junk, rest_sent = under_junk("rest", f"http://127.0.0.1:{port}", measure)
         finally:
             server.stop()
+            other.stop()
+
+        def row(stats: dict[str, float], sent: int, base: dict[str, float]) -> dict[str, float]:
+            return {**stats, "junk_requests": sent, "p99_ratio": stats["p99_ms"] / alone["p99_ms"],
+                    "p99_ratio_to_control": stats["p99_ms"] / base["p99_ms"]}  # fmt: skip
+
         results["junk"] = {
             "alone": alone,
-            "grpc_junk": {**grpc_junk, "junk_requests": grpc_sent, "p99_ratio": grpc_junk["p99_ms"] / alone["p99_ms"]},
-            "rest_junk": {**rest_junk, "junk_requests": rest_sent, "p99_ratio": rest_junk["p99_ms"] / alone["p99_ms"]},
+            "grpc_junk_other_process": row(control, control_sent, control),
+            "grpc_junk": row(grpc_junk, grpc_sent, control),
+            "rest_junk_other_process": row(rest_control, rest_control_sent, rest_control),
+            "rest_junk": row(rest_junk, rest_sent, rest_control),
         }
 
-        # ---- 2. TLS vs plaintext ----
-        server = ServerProcess(["--config_path", str(config), "--port", "0", "--tls_cert", str(pair.cert),
-                                "--tls_key", str(pair.key), "--file_system_poll_wait_seconds", "0"],
-                               tmp / "tls.log").wait_ready()  # fmt: skip
+        # ---- 2. TLS vs plaintext: hotserve and the bare grpc.aio server, all four up at once, measured in turns ----
+        tls_args = ["--tls_cert", str(pair.cert), "--tls_key", str(pair.key)]
+        plain, secure = serve("plain2"), serve("tls", *tls_args)
+        bare_plain, bare_plain_address = _bare(tmp, "bare-plain", [])
+        bare_tls, bare_tls_address = _bare(tmp, "bare-tls", [str(pair.cert), str(pair.key)])
         try:
-            client = grpcclient.InferenceServerClient(server.address, ssl=True, root_certificates=str(ca.cert))
-            tls_tiny = latencies(client, "tiny", "b", X, seconds)
-            tls_conv = latencies(client, "conv", "input", conv_x, seconds)
+
+            def connect(address: str, tls: bool) -> Any:
+                if tls:
+                    return grpcclient.InferenceServerClient(address, ssl=True, root_certificates=str(ca.cert))
+                return grpcclient.InferenceServerClient(address)
+
+            clients = {
+                "plain": connect(plain.address, False), "tls": connect(secure.address, True),
+                "bare_plain": connect(bare_plain_address, False), "bare_tls": connect(bare_tls_address, True),
+            }  # fmt: skip
+            tiny = interleaved({k: (c, "tiny", "b", X) for k, c in clients.items()}, 4 * seconds)
+            conv = interleaved({k: (clients[k], "conv", "input", conv_x) for k in ("plain", "tls")}, 2 * seconds)
         finally:
-            server.stop()
+            plain.stop()
+            secure.stop()
+            for proc in (bare_plain, bare_tls):
+                proc.terminate()
+                proc.wait(10)
         results["tls"] = {
-            name: {"plain": plain, "tls": tls, "p50_overhead_ms": tls["p50_ms"] - plain["p50_ms"]}
-            for name, plain, tls in (("tiny", plain_tiny, tls_tiny), ("conv", plain_conv, tls_conv))
-        }
+            "tiny": {**tiny, "p50_overhead_ms": tiny["tls"]["p50_ms"] - tiny["plain"]["p50_ms"],
+                     "bare_p50_overhead_ms": tiny["bare_tls"]["p50_ms"] - tiny["bare_plain"]["p50_ms"]},
+            "conv": {**conv, "p50_overhead_ms": conv["tls"]["p50_ms"] - conv["plain"]["p50_ms"]},
+        }  # fmt: skip
 
     junk = results["junk"]
-    head = f"{'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 ×':>6}"
-    print(f"{'tiny model, well-behaved client':40} {head}")
-    for label, key in (("alone", "alone"), (f"+ gRPC junk ({JUNK_MB} MB, BYTES garbage)", "grpc_junk"),
+    head = f"{'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 ×':>6} {'× ctrl':>6} {'junk':>5}"
+    print(f"{'tiny model, well-behaved client':46} {head}")
+    for label, key in (("alone", "alone"),
+                       ("+ gRPC junk to another process (control)", "grpc_junk_other_process"),
+                       (f"+ gRPC junk ({JUNK_MB} MB, BYTES garbage)", "grpc_junk"),
+                       ("+ REST junk to another process (control)", "rest_junk_other_process"),
                        (f"+ REST junk ({JUNK_MB} MB JSON)", "rest_junk")):  # fmt: skip
-        row = junk[key]  # type: ignore[index]
-        ratio = f"{row['p99_ratio']:6.2f}" if "p99_ratio" in row else ""
-        print(f"{label:40} {row['requests']:9d} {row['p50_ms']:8.3f} {row['p99_ms']:8.3f} {row['max_ms']:8.1f} {ratio}")
-    print(f"junk requests sent: gRPC {junk['grpc_junk']['junk_requests']}, REST {junk['rest_junk']['junk_requests']}")  # type: ignore[index]
-    head = f"{'plain p50':>10} {'TLS p50':>10} {'overhead':>10} {'plain p99':>10} {'TLS p99':>10}"
-    print(f"\n{'TLS vs plaintext (gRPC)':24} {head}")
-    for model in ("tiny", "conv"):
-        row = results["tls"][model]  # type: ignore[index]
-        print(f"{model:24} {row['plain']['p50_ms']:10.3f} {row['tls']['p50_ms']:10.3f} {row['p50_overhead_ms']:10.3f} "
-              f"{row['plain']['p99_ms']:10.3f} {row['tls']['p99_ms']:10.3f}")  # fmt: skip
+        r = junk[key]
+        ratios = (
+            f"{r['p99_ratio']:6.2f} {r['p99_ratio_to_control']:6.2f} {r['junk_requests']:5d}" if key != "alone" else ""
+        )
+        print(f"{label:46} {r['requests']:9d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['max_ms']:8.1f} {ratios}")
+    tls = results["tls"]
+    print(f"\n{'TLS vs plaintext (gRPC), p50 / p99 ms':40} {'plain':>15} {'TLS':>15} {'p50 overhead':>13}")
+    for label, model, plain_key, tls_key, over in (
+        ("tiny, hotserve", "tiny", "plain", "tls", "p50_overhead_ms"),
+        ("tiny, bare grpc.aio (the stack's own)", "tiny", "bare_plain", "bare_tls", "bare_p50_overhead_ms"),
+        ("conv, hotserve", "conv", "plain", "tls", "p50_overhead_ms"),
+    ):
+        p, t = tls[model][plain_key], tls[model][tls_key]
+        print(f"{label:40} {p['p50_ms']:7.3f}/{p['p99_ms']:7.3f} {t['p50_ms']:7.3f}/{t['p99_ms']:7.3f} "
+              f"{tls[model][over]:13.3f}")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hostile.json").write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {RESULTS / 'hostile.json'}")

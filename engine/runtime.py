@@ -157,57 +157,100 @@ class Runtime:
     def load(
         self, model: ModelConfig, version: int, source: Source, requested: Mapping[str, tuple[int, ...]] | None = None
     ) -> ServedVersion:
-        """Compile one version (runs in a worker thread). Raises LoadError with the real reason."""
-        device = self.device_override or model.target_device
+        """Compile one version (runs in a worker thread). Raises LoadError with the real reason.
+
+        Every LoadError is raised outside the handler that made it: the failed frames (and a loader model's
+        weights in their locals) are freed, and the weights wiped, before the caller sees the error.
+        """
         decision = cache_rules.decide(model, self.cache)
+        compiled, from_cache = self._compiled(model, version, source, requested, decision)
         try:
-            plaintext = None  # a loader model's weights: the compiled model points into them (plaintext.py)
-            if source.loaded is not None:
-                ov_model, plaintext = self._read_loaded(source.loaded)
-                source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext right away
-                files: list[Path] = []
-            else:
-                found = versions.model_files(source.version_dir)
-                files = list(found.paths)
-                ov_model = None
-                if model.shape or model.batch_size is not None or model.layout or requested:
-                    ov_model = self.core.read_model(found.model)
-            log.info(
-                "Loading model: %s, version: %d, from path: %s, with target device: %s ...",
-                model.name,
-                version,
-                source.version_dir,
-                device,
-            )
-            if ov_model is not None:
-                _reshape(ov_model, model, requested)
-                ov_model = _apply_layout(ov_model, model)
-            cache_dir = None
-            if decision.use and self.cache is not None and files:
-                cache_dir = self._cache_dir(model, files, requested)
-            target = ov_model if ov_model is not None else found.model
-            compiled, from_cache = cache_rules.compile_model(
-                self.core, target, device, _plugin_config(model), cache_dir
-            )
-            if plaintext is not None:
-                compiled.plaintext_weights = plaintext  # lives (and is wiped) with the compiled model
-            if cache_dir is not None and self.cache is not None:
-                try:
-                    self.cache.enforce_limit(keep=cache_dir)
-                except OSError as exc:  # e.g. another process evicting the same folders: the load still stands
-                    log.warning("Model cache %s: size limit not enforced: %s", self.cache.root, exc)
+            return self._served(model, version, compiled, from_cache, decision, requested)
         except LoadError as exc:
-            if source.loaded is not None and str(exc).startswith(RESHAPE_FAILED):
-                raise LoadError(f"{RESHAPE_FAILED}: {WITHHELD}") from None
-            raise
+            error = LoadError(str(exc))
+        except RuntimeError as exc:  # e.g. create_infer_request
+            reason = _first_line(exc) if source.loaded is None else WITHHELD
+            error = LoadError(f"Cannot create inference requests: {reason}")
+        del compiled  # freed now (a loader model's weights wiped), not when the caller drops the error
+        raise error
+
+    def _compiled(
+        self,
+        model: ModelConfig,
+        version: int,
+        source: Source,
+        requested: Mapping[str, tuple[int, ...]] | None,
+        decision: cache_rules.CacheDecision,
+    ) -> tuple[ov.CompiledModel, bool]:
+        device = self.device_override or model.target_device
+        try:
+            return self._compile(model, version, source, requested, decision, device)
+        except LoadError as exc:
+            withheld = source.loaded is not None and str(exc).startswith(RESHAPE_FAILED)
+            error = LoadError(f"{RESHAPE_FAILED}: {WITHHELD}" if withheld else str(exc))
         except versions.ModelFilesError as exc:
-            raise LoadError(str(exc)) from None
+            error = LoadError(str(exc))
         except RuntimeError as exc:
             reason = _first_line(exc) if source.loaded is None else WITHHELD
-            raise LoadError(f"Cannot compile model into target device {device}: {reason}") from None
+            error = LoadError(f"Cannot compile model into target device {device}: {reason}")
         finally:
             if source.loaded is not None:
                 source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext now
+        raise error
+
+    def _compile(
+        self,
+        model: ModelConfig,
+        version: int,
+        source: Source,
+        requested: Mapping[str, tuple[int, ...]] | None,
+        decision: cache_rules.CacheDecision,
+        device: str,
+    ) -> tuple[ov.CompiledModel, bool]:
+        plaintext = None  # a loader model's weights: the compiled model points into them (plaintext.py)
+        if source.loaded is not None:
+            ov_model, plaintext = self._read_loaded(source.loaded)
+            source.loaded.release()  # type: ignore[attr-defined]  # the loader wipes the plaintext right away
+            files: list[Path] = []
+        else:
+            found = versions.model_files(source.version_dir)
+            files = list(found.paths)
+            ov_model = None
+            if model.shape or model.batch_size is not None or model.layout or requested:
+                ov_model = self.core.read_model(found.model)
+        log.info(
+            "Loading model: %s, version: %d, from path: %s, with target device: %s ...",
+            model.name,
+            version,
+            source.version_dir,
+            device,
+        )
+        if ov_model is not None:
+            _reshape(ov_model, model, requested)
+            ov_model = _apply_layout(ov_model, model)
+        cache_dir = None
+        if decision.use and self.cache is not None and files:
+            cache_dir = self._cache_dir(model, files, requested)
+        target = ov_model if ov_model is not None else found.model
+        compiled, from_cache = cache_rules.compile_model(self.core, target, device, _plugin_config(model), cache_dir)
+        if plaintext is not None:
+            compiled.plaintext_weights = plaintext  # lives (and is wiped) with the compiled model
+        if cache_dir is not None and self.cache is not None:
+            try:
+                self.cache.enforce_limit(keep=cache_dir)
+            except OSError as exc:  # e.g. another process evicting the same folders: the load still stands
+                log.warning("Model cache %s: size limit not enforced: %s", self.cache.root, exc)
+        return compiled, from_cache
+
+    def _served(
+        self,
+        model: ModelConfig,
+        version: int,
+        compiled: ov.CompiledModel,
+        from_cache: bool,
+        decision: cache_rules.CacheDecision,
+        requested: Mapping[str, tuple[int, ...]] | None,
+    ) -> ServedVersion:
         nireq = model.nireq or _optimal_requests(compiled)
         single = len(compiled.inputs) == 1
         names = [p.any_name for p in compiled.inputs]

@@ -77,3 +77,23 @@ def test_load_errors_do_not_quote_a_loader_model(aes_model, tmp_path: Path) -> N
     with pytest.raises(LoadError) as caught:
         runtime.load(bad, 1, Source(base / "1", loader.load("m", base, 1, IR_OPTIONS)))
     assert str(caught.value) == f"Cannot compile model into target device NOSUCHDEVICE: {WITHHELD}"
+
+
+def test_a_failed_load_wipes_the_weights_before_the_caller_sees_the_error(aes_model) -> None:  # type: ignore[no-untyped-def]
+    """No frame of the failed compile outlives the error: the copy is wiped while the caller still holds it."""
+    loader, base, _ = aes_model
+    runtime = Runtime(None)
+    gc.collect()
+    gc.disable()  # only reference counting frees: a traceback keeping the weights alive would show
+    try:
+        for bad in (
+            ModelConfig(name="m", base_path=base, custom_loader_options=IR_OPTIONS, shape={"b": ("1", "7", "3")}),
+            ModelConfig(name="m", base_path=base, custom_loader_options=IR_OPTIONS, target_device="NOSUCHDEVICE"),
+        ):
+            before = WipedOnFree.wiped_bytes
+            with pytest.raises(LoadError) as caught:
+                runtime.load(bad, 1, Source(base / "1", loader.load("m", base, 1, IR_OPTIONS)))
+            assert WipedOnFree.wiped_bytes - before >= 4 * N, caught.value  # the weights (N float32) are zeroed
+            assert caught.value.__context__ is None and caught.value.__cause__ is None
+    finally:
+        gc.enable()
