@@ -208,7 +208,7 @@ def compile_model(
     try:
         compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
         from_cache = _loaded_from_cache(compiled)
-        if not from_cache:
+        if not from_cache and _exports(core, device):  # a plugin that cannot export never writes a blob
             _check_blob_written(cache_dir)
         return compiled, from_cache
     except RuntimeError as exc:
@@ -219,6 +219,13 @@ def compile_model(
                 blob.unlink()
     compiled = core.compile_model(_source(source), device, dict(config))
     return compiled, False
+
+
+def _exports(core: ov.Core, device: str) -> bool:
+    try:
+        return "EXPORT_IMPORT" in core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError:  # AUTO, MULTI, HETERO: no such property; not knowing, say nothing
+        return False
 
 
 _no_blob_said: set[Path] = set()  # cache roots already warned about: said once, again only after it worked

@@ -59,11 +59,14 @@ async def infer_body(body: bytes) -> InferBody:
     global _process
     if len(body) < INLINE_BYTES:
         return parse_infer(body)
+    pool = _process_pool()
     try:
-        return await _run(_process_pool(), parse_infer, body)
+        return await _run(pool, parse_infer, body)
     except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh one for the next request
         with _lock:
-            _process = None
+            if _process is pool:  # not one that a concurrent request already put in its place
+                _process = None
+        pool.shutdown(wait=False, cancel_futures=True)
         raise ServingError(Code.INTERNAL_ERROR, "the request decoder process died; try again") from None
 
 
