@@ -21,6 +21,7 @@ from .tensors import OV_TO_KSERVE, TensorSpec
 INLINE_LIMIT_S = 0.0002  # a model this fast runs on the loop: the hop to OpenVINO's thread and back costs more
 SMALL_INPUT_BYTES = 4096  # below this an input is copied (cheaper than wrapping it), above it is wrapped in place
 INLINE_AFTER = 8  # consecutive asynchronous inferences that must be this fast first (a slow model never blocks)
+INLINE_SLOW_RUNS = 3  # consecutive slow inline runs that send it back: one preempted run on a busy host does not
 
 
 class Origin(Protocol):
@@ -71,6 +72,7 @@ class ServedVersion:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inline = False  # set by _calibrate once OpenVINO's own latency says a thread hop costs more
         self._fast = 0
+        self._slow = 0
         self.inflight = 0
         self._drained: asyncio.Event | None = None
 
@@ -123,8 +125,12 @@ class ServedVersion:
             else:
                 call.inputs = kept
                 request.infer()
-            if time.perf_counter() - started > INLINE_LIMIT_S * 4:  # a slower shape (dynamic, auto): measure again
-                self._inline, self._fast = False, 0
+            if time.perf_counter() - started > INLINE_LIMIT_S * 4:  # a slower shape (dynamic, auto)?
+                self._slow += 1
+                if self._slow >= INLINE_SLOW_RUNS:  # yes: measure again asynchronously
+                    self._inline, self._fast, self._slow = False, 0, 0
+            else:
+                self._slow = 0
             return [_owned(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
         finally:
             self._idle.put_nowait((request, call))  # type: ignore[union-attr]
