@@ -94,7 +94,8 @@ def test_labels_are_availability_first() -> None:
     assert said == ["Version label stable of model m now points at version 4 (was 3)"]
     fresh, _ = resolve("m", Routing({"canary": 9}, ()), set(), NO_ROUTES)
     assert fresh.labels == {"canary": 9}, "a new label names its version at once (requests wait for its load)"
-    gone, _ = resolve("m", Routing({"stable": 4}, ()), {4}, resolve("m", Routing({"stable": 3}, ()), set(), NO_ROUTES)[0])
+    unready, _ = resolve("m", Routing({"stable": 3}, ()), set(), NO_ROUTES)
+    gone, _ = resolve("m", Routing({"stable": 4}, ()), {4}, unready)
     assert gone.labels == {"stable": 4}, "nothing AVAILABLE to stay on: the label moves"
     assert switched.names == {4: "stable"} and routes({}, {1}, {"b": 1, "a": 1}).names == {1: "a,b"}
 
