@@ -199,7 +199,7 @@ def _traffic(entry: _Entry, value: Mapping[str, int], labels: Mapping[str, int])
                                           f"number or a label of version_labels (labels: {known})")  # fmt: skip
         else:
             entry.error(["traffic", key], f"traffic key {json.dumps(key)} is neither a version number (1, 2, …) "
-                                          f"nor a version label ({LABEL_RULE})")  # fmt: skip
+                                          f"nor a label ({LABEL_RULE})")  # fmt: skip
     if value and not any(weight > 0 for _, weight in value.items()):
         entry.error("traffic", "every weight is 0: at least one version must get traffic")
     return tuple(weights)

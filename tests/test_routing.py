@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from lifecycle_env import Env, X, aio
+from stats import binomial_bound, random_keys
 
 from engine.config import Routing
 from engine.errors import Code, ServingError
@@ -26,22 +25,6 @@ KEYS = 20_000
 def routes(traffic: dict[int | str, int], available: set[int], labels: dict[str, int] | None = None) -> Routes:
     routing = Routing(labels or {}, tuple(traffic.items()))
     return resolve("m", routing, available, NO_ROUTES)[0]
-
-
-def random_keys(n: int) -> list[str]:
-    return [os.urandom(12).hex() for _ in range(n)]  # fresh every run: nothing seeded to pass
-
-
-def binomial_bound(n: int, p: float, tail: float = 1e-6) -> int:
-    """The smallest k with P(|X - np| > k) < tail for X ~ Binomial(n, p): a bound that fails by chance < `tail`."""
-    lg = math.lgamma
-    pmf = np.exp([lg(n + 1) - lg(i + 1) - lg(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-                  for i in range(n + 1)])  # fmt: skip
-    distance = np.abs(np.arange(n + 1) - n * p)
-    for k in range(n + 1):
-        if pmf[distance > k].sum() < tail:
-            return k
-    return n
 
 
 # ---- pure: rendezvous hashing ----
