@@ -7,9 +7,10 @@ Labels are availability-first: a label moved to a version that is not AVAILABLE 
 while that one is AVAILABLE, and switches in the same registry write that makes the new one AVAILABLE.
 
 Weights are drawn among the AVAILABLE versions they name (a weight whose version is not AVAILABLE goes to the
-others, in proportion). A routing key picks by weighted rendezvous hashing (highest random weight, score
-w / -ln(u) with u a 64-bit hash of key and version): the same key and weights give the same version in every
-process, and a weight change moves only the keys it must (raising one version's weight only moves keys to it).
+others, in proportion). A routing key picks by weighted rendezvous hashing (highest random weight: score
+w / -ln(u), u = splitmix64(BLAKE2b-64(key) ^ a seed per version number) in (0, 1)): the same key and weights give
+the same version in every process, and a weight change moves only the keys it must (raising one version's weight
+only moves keys to it; a version that stops being AVAILABLE only gives up its own keys).
 """
 
 from __future__ import annotations
@@ -29,17 +30,6 @@ _UNIT = 2.0**-53
 
 def _hash64(data: bytes) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
-
-
-def _mix(x: int) -> int:
-    """splitmix64's finaliser: a 64-bit hash of (key hash ^ version seed), uniform per version."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def key_hash(key: str) -> int:
-    return _hash64(key.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
@@ -66,11 +56,13 @@ class Routes:
 
     def route(self, key: str) -> int | None:
         """The version `key` lands on for these weights (weighted rendezvous hashing), or None."""
-        h = key_hash(key)
-        best, top = None, -1.0
-        for version, weight, seed in self._seeded:
-            u = ((_mix(h ^ seed) >> 11) + 0.5) * _UNIT  # in (0, 1)
-            score = weight / -math.log(u)
+        h = int.from_bytes(blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+        best, top, log = None, -1.0, math.log
+        for version, weight, seed in self._seeded:  # _mix inlined: this runs per request
+            x = h ^ seed
+            x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+            x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+            score = weight / -log((((x ^ (x >> 31)) >> 11) + 0.5) * _UNIT)  # u in (0, 1)
             if score > top:
                 best, top = version, score
         return best
