@@ -3,10 +3,11 @@ weights and a routing key (rendezvous hashing), one server, driven by h2load (a 
 
 Three entries serve the same two versions of the tiny model (modelgen.add_const): "plain" (no traffic: the default
 version), "weighted" ({"1": 90, "2": 10}) and the same with the `hotserve-route-key` metadata on every request.
-Each cell is the best of --rounds runs, the three in turn, since the machine may be shared. Writes
+The three run in turn, --rounds times; each cell shows the best run and the median of the per-round ratios (a shared
+machine's load drifts: a ratio of neighbouring runs is steadier than one of bests). Writes
 benchmarks/results/traffic.json.
 
-    .venv/bin/python benchmarks/traffic.py [--seconds 3] [--rounds 3]
+    .venv/bin/python benchmarks/traffic.py [--seconds 2] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def per_call_ns(calls: int = 200_000) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=3, help="runs per cell, best kept (the machine may be shared)")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=7, help="runs per cell (the machine may be shared)")
     args = parser.parse_args()
     exe = grpc_limit.ensure_h2load()
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,17 +87,21 @@ def main() -> None:
                         runs[name].append(grpc_limit.measure(exe, server.proc.pid, server.port, frame, c,
                                                              args.seconds, headers))  # fmt: skip
                 best = {name: max(r, key=lambda x: x["throughput"]) for name, r in runs.items()}
+                plain = [r["throughput"] for r in runs["no traffic"]]
                 for name, _, _ in cases:
+                    paired = sorted(r["throughput"] / p for r, p in zip(runs[name], plain, strict=True))
                     rows.append({"case": name, "concurrency": c, **best[name],
                                  "ratio": best[name]["throughput"] / best["no traffic"]["throughput"],
+                                 "paired_median": paired[len(paired) // 2],
                                  "all": [r["throughput"] for r in runs[name]]})  # fmt: skip
         finally:
             server.stop()
     print(f"h2load, one connection, C streams, tiny model; best of {args.rounds} runs of {args.seconds:g} s, in turn")
-    print(f"{'case':20} {'C':>3} | {'req/s':>7} {'mean':>8} {'µs/req':>7} | {'vs no traffic':>13}")
+    print("ratio: best vs best; paired: the median over rounds of (this case / no traffic in the same round)")
+    print(f"{'case':20} {'C':>3} | {'req/s':>7} {'mean':>8} {'µs/req':>7} | {'ratio':>6} {'paired':>6}")
     for r in rows:
         print(f"{r['case']:20} {r['concurrency']:>3} | {r['throughput']:>7.0f} {r['mean_ms']:>6.2f}ms "
-              f"{r['server_cpu_us_per_req']:>7.0f} | {r['ratio']:>13.3f}")  # fmt: skip
+              f"{r['server_cpu_us_per_req']:>7.0f} | {r['ratio']:>6.3f} {r['paired_median']:>6.3f}")  # fmt: skip
     calls = per_call_ns()
     for name, ns in calls.items():
         print(f"in-process, per call: {name}: {ns / 1000:.2f} µs")
