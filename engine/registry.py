@@ -71,6 +71,8 @@ class Model:
         return [v for v, s in self.slots.items() if s.status.state == State.AVAILABLE and s.served is not None]
 
     def reroute(self) -> None:
+        if self.routes is NO_ROUTES and not self.routing:
+            return  # no labels, no traffic: nothing to resolve (most models)
         routes, said = resolve(self.name, self.routing, self.available(), self.routes)
         self.routes = routes
         for line in said:

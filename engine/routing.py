@@ -114,6 +114,8 @@ def resolve(model: str, routing: Routing, available: Iterable[int], before: Rout
         said.append(f"Traffic of model {model}: {shares}{gone}")
     elif before.routed and not routed:
         said.append(f"Traffic of model {model}: none configured; requests without a version get the default version")
+    if not routing:
+        return NO_ROUTES, said
     names: dict[int, list[str]] = {}
     for label, version in sorted(labels.items()):
         names.setdefault(version, []).append(label)
