@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, model_entry
+from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 from stats import binomial_bound, random_keys
 from tritonclient.utils import InferenceServerException
@@ -213,3 +216,79 @@ def test_metrics_carry_the_version_label_and_status_shows_labels(env: Env) -> No
     assert lines[0].split() == ["MODEL", "VERSION", "STATE", "CACHE", "LABELS", "ERROR"]
     rows = {line.split()[1]: line for line in lines[1:]}
     assert "stable" in rows["1"] and "canary" in rows["3"] and "canary" not in rows["2"]
+
+
+def wait_until(check: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_label_moved_to_a_loading_version_waits_then_switches_under_load(tmp_path: Path, serve: Any) -> None:
+    """Version 4's load is held inside the test loader (its hold_file) while clients call by label: every answer
+    comes from version 3 until 4 is AVAILABLE, then from 4, and none fails."""
+    modelgen.add_const(tmp_path / "c" / "3", delta=3.0)
+    hold, calls = tmp_path / "hold", tmp_path / "calls.log"
+    (tmp_path / "loader.cfg").write_text(f"CALL_LOG {calls}\n")
+    options = {"loader_name": "test", "model_file": "model.xml", "bin_file": "model.bin", "hold_file": str(hold)}
+    config = tmp_path / "models.json"
+
+    def apply(versions: list[int], stable: int) -> None:
+        doc = {
+            "custom_loader_config_list": [{"config": {"loader_name": "test",
+                                                      "library_path": str(BUILD / "libtestloader.so"),
+                                                      "loader_config_file": str(tmp_path / "loader.cfg")}}],
+            "model_config_list": [model_entry("c", tmp_path / "c", custom_loader_options=options,
+                                              model_version_policy={"specific": {"versions": versions}},
+                                              version_labels={"stable": stable})],
+        }  # fmt: skip
+        tmp = config.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, config)
+
+    apply([3], 3)
+    server = serve(config)
+    modelgen.add_const(tmp_path / "c" / "4", delta=4.0)
+    hold.touch()
+    apply([3, 4], 4)
+    wait_until(lambda: calls.exists() and "load_model c 4" in calls.read_text(), "version 4's load to be held")
+    triton = grpcclient.InferenceServerClient(server.address)
+    reasons = {m.version: m.reason for m in triton.get_model_repository_index().models}
+    assert reasons["4"].endswith("; labels: stable (pending)") and reasons["3"].endswith("; labels: stable")
+    seen: list[list[int]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        own = grpcclient.InferenceServerClient(server.address)
+        x = grpcclient.InferInput("b", [1, 10], "FP32")
+        x.set_data_from_numpy(X)
+        try:
+            while not stop.is_set():
+                result = own.infer("c", [x], model_version="stable")
+                number = int(result.get_response().model_version)
+                np.testing.assert_allclose(result.as_numpy("a"), X + number)
+                seen[i].append(number)
+        except BaseException as exc:  # any failed request fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: all(len(s) >= 30 for s in seen) or errors, "30 requests per client while 4 is held")
+        assert not errors and all(set(s) == {3} for s in seen), "the label stays on version 3 while 4 loads"
+        start = len(server.log)
+        hold.unlink()
+        server.wait_for(r"Version label stable of model c now points at version 4 \(was 3\)", start=start)
+        marks = [len(s) for s in seen]
+        wait_until(lambda: all(len(s) >= m + 20 for s, m in zip(seen, marks, strict=True)) or errors, "20 more")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert not errors, errors[0]
+    for s in seen:
+        assert 4 in s and set(s[: s.index(4)]) == {3} and set(s[s.index(4) :]) == {4}, "switched once"
+    assert server.log.count("Loading model: c, version: 3") == 1, "version 3 was never reloaded"
