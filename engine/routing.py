@@ -109,9 +109,14 @@ def resolve(model: str, routing: Routing, available: Iterable[int], before: Rout
         cumulative.append(total)
     routed = bool(routing.traffic)
     if routed and (drawn, idle) != (before.drawn, before.idle):
-        shares = ", ".join(f"version {v} {100 * w / total:.3g} %" for v, w in drawn) or "no version AVAILABLE"
-        gone = f"; not AVAILABLE, its weight goes to the others: {', '.join(map(str, idle))}" if idle else ""
-        said.append(f"Traffic of model {model}: {shares}{gone}")
+        waiting = ", ".join(map(str, idle))
+        if not drawn:
+            line = f"no version it weighs is AVAILABLE ({waiting}): requests without a version are NOT_FOUND"
+        else:
+            line = ", ".join(f"version {v} {100 * w / total:.3g} %" for v, w in drawn)
+            if idle:
+                line += f" (not AVAILABLE, their weight goes to the others: {waiting})"
+        said.append(f"Traffic of model {model}: {line}")
     elif before.routed and not routed:
         said.append(f"Traffic of model {model}: none configured; requests without a version get the default version")
     if not routing:

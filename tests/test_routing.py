@@ -201,7 +201,7 @@ async def test_label_and_traffic_edits_apply_live_without_touching_a_version(env
     traffic = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Traffic of model m")]
     assert traffic == [
         "Traffic of model m: version 1 90 %, version 2 10 %",
-        "Traffic of model m: version 1 25 %, version 2 75 %; not AVAILABLE, its weight goes to the others: 4",
+        "Traffic of model m: version 1 25 %, version 2 75 % (not AVAILABLE, their weight goes to the others: 4)",
         "Traffic of model m: none configured; requests without a version get the default version",
     ]
     assert (await env.infer("m"))[0] == 3, "no traffic: the default version again"
@@ -223,7 +223,7 @@ async def test_traffic_draws_only_weighted_available_versions_and_logs_once(env:
     got = [(await env.infer("m"))[0] for _ in range(200)]
     assert set(got) == {1}, "version 2 retired: its weight goes to version 1"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Traffic of model m")]
-    assert lines == ["Traffic of model m: version 1 100 %; not AVAILABLE, its weight goes to the others: 2"]
+    assert lines == ["Traffic of model m: version 1 100 % (not AVAILABLE, their weight goes to the others: 2)"]
     env.model("m", model_version_policy={"specific": {"versions": [3]}}, traffic={"1": 1, "2": 1})
     assert (await env.reload()).ok
     with pytest.raises(ServingError) as caught:

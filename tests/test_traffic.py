@@ -184,6 +184,13 @@ def test_weights_are_followed_sticky_with_a_route_key_and_edited_live(env: Env) 
         by_rest = int(http("POST", f"{env.base}/v2/models/m/infer", body)[1]["model_version"])
         assert by_metadata == by_parameter == by_rest == expected.route(key), key
     assert len({expected.route(k) for k in keys}) == 2
+    with pytest.raises(InferenceServerException) as refused:
+        env.infer(parameters={"route_key": True})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "route_key must be a string" in str(refused.value)
+    bad = {"parameters": {"route_key": [1]}, "inputs": REST_INPUTS}
+    code, error = http("POST", f"{env.base}/v2/models/m/infer", bad)
+    assert code == 400 and "parameters.route_key must be a string or an integer" in error["error"]
     # promote: the canary gets everything, then the stable label moves; nothing is reloaded
     env.edit(r"Traffic of model m: version 2 100 %", labels={"stable": 1, "canary": 2}, traffic={"canary": 100})
     assert {env.infer() for _ in range(50)} == {2}

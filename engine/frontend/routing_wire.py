@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from ..errors import Code, ServingError
+
 ROUTE_KEY_METADATA = "hotserve-route-key"  # gRPC metadata, on KServe and TF Serving requests alike
 ROUTE_KEY_PARAMETER = "route_key"  # a KServe request parameter (gRPC `parameters`, REST JSON `parameters`)
+KEY_KINDS = frozenset({"string_param", "int64_param", "uint64_param"})
 LABELS_NOTE = "; labels: "
 PENDING = " (pending)"
 
@@ -27,9 +30,10 @@ def route_key(parameters: Mapping[str, Any], context: _Context) -> str | None:
     if ROUTE_KEY_PARAMETER in parameters:
         param = parameters[ROUTE_KEY_PARAMETER]
         which = param.WhichOneof("parameter_choice")
-        if which is not None and which != "bool_param":
-            value = getattr(param, which)
-            return str(value) if value != "" else None
+        if which not in KEY_KINDS:
+            raise ServingError(Code.INVALID_ARGUMENT, "parameter route_key must be a string or an integer")
+        value = getattr(param, which)
+        return str(value) if value != "" else None
     return metadata_key(context)
 
 
