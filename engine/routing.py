@@ -58,7 +58,7 @@ class Routes:
         """The version `key` lands on for these weights (weighted rendezvous hashing), or None."""
         h = int.from_bytes(blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
         best, top, log = None, -1.0, math.log
-        for version, weight, seed in self._seeded:  # _mix inlined: this runs per request
+        for version, weight, seed in self._seeded:  # splitmix64 finaliser inlined: this runs per request
             x = h ^ seed
             x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
             x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
