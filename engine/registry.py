@@ -90,14 +90,17 @@ class Registry:
             raise ServingError(Code.MODEL_NAME_MISSING)
         return found
 
-    def slot(self, name: str, version: int | str | None, key: str | None = None) -> tuple[int, Slot]:
-        """The slot a request names: a number, a label (str), or None/0 = drawn by `traffic` (sticky for a routing
-        `key`) when the model has traffic, else the default version."""
+    def slot(
+        self, name: str, version: int | str | None, key: str | None = None, draw: bool = False
+    ) -> tuple[int, Slot]:
+        """The slot a request names: a number, a label (str), or None/0: with `traffic`, a version drawn by weight
+        for an inference (`draw`; sticky for a routing `key`) and the most weighted one for metadata and readiness;
+        without, the default version."""
         model = self.model(name)
         if not version:
             routes = model.routes
             if routes.routed:
-                number = routes.route(key) if key else routes.draw()
+                number = (routes.route(key) if key else routes.draw()) if draw else routes.main
                 if number is None:
                     raise ServingError(Code.MODEL_VERSION_MISSING, "no version that traffic names is AVAILABLE")
                 return number, model.slots[number]
@@ -122,7 +125,7 @@ class Registry:
         self, name: str, version: int | str | None, wait: float = LOAD_WAIT_SECONDS, key: str | None = None
     ) -> Lease:
         """Hold a served version for the length of a request (`async with`); retiring it waits for the release."""
-        _, slot = self.slot(name, version, key)
+        _, slot = self.slot(name, version, key, draw=True)
         return Lease(self, slot, wait)
 
     async def _ready(self, slot: Slot, wait: float) -> ServedVersion:

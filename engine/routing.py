@@ -42,6 +42,7 @@ class Routes:
     drawn: tuple[tuple[int, int], ...] = ()  # (version, weight) of the AVAILABLE versions with weight > 0
     idle: tuple[int, ...] = ()  # versions with a weight that are not AVAILABLE (their share goes to the others)
     names: Mapping[int, str] = field(default_factory=dict)  # version → its labels, sorted, joined by ","
+    main: int | None = None  # the most weighted AVAILABLE version: metadata and readiness without a version
     _cumulative: tuple[int, ...] = ()
     _seeded: tuple[tuple[int, float, int], ...] = ()  # (version, weight, seed) for rendezvous hashing
 
@@ -131,6 +132,7 @@ def resolve(model: str, routing: Routing, available: Iterable[int], before: Rout
         drawn=drawn,
         idle=idle,
         names={v: ",".join(ls) for v, ls in names.items()},
+        main=max(drawn, key=lambda vw: (vw[1], vw[0]))[0] if drawn else None,
         _cumulative=tuple(cumulative),
         _seeded=tuple((v, float(w), _hash64(b"hotserve-version:%d" % v)) for v, w in drawn),
     )

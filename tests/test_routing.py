@@ -60,6 +60,7 @@ def test_draws_follow_the_weights_and_skip_what_is_not_available() -> None:
     drawn = [table.draw() for _ in range(n)]
     assert set(drawn) == {1, 2}, "version 3 is not AVAILABLE: its weight goes to the others"
     assert abs(drawn.count(2) - n * 0.3) <= binomial_bound(n, 0.3)
+    assert table.main == 1 and routes({1: 5, 2: 5}, {1, 2}).main == 2, "most weighted; a tie: the higher version"
     assert routes({1: 5}, set()).draw() is None
     assert routes({1: 5}, set()).route("k") is None
 

@@ -170,6 +170,11 @@ def test_weights_are_followed_sticky_with_a_route_key_and_edited_live(env: Env) 
     env.edit(r"Traffic of model m: version 1 80 %, version 2 20 %", labels={"stable": 1, "canary": 2},
              traffic={"stable": 80, "canary": 20})  # fmt: skip
     loads = env.server.log.count("Loading model: m")
+    meta = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    meta.model_spec.name = "m"
+    assert {env.prediction.GetModelMetadata(meta).model_spec.version.value for _ in range(20)} == {1}, (
+        "metadata without a version: the most weighted version, not a draw"
+    )
     drawn = Counter(env.infer() for _ in range(REQUESTS))
     assert set(drawn) <= {1, 2}, f"version 3 is AVAILABLE but has no weight: {drawn}"
     bound = binomial_bound(REQUESTS, 0.2)  # P(a correct server fails this) < 1e-6
