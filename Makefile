@@ -35,6 +35,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/grpc_limit.py --profile benchmarks/results/grpc_limit_profile.txt
+	$(BIN)/python benchmarks/traffic.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/reload.py
 	$(BIN)/python benchmarks/soak.py

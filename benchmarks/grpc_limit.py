@@ -78,9 +78,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def h2load(exe: str, port: int, frame: Path, concurrency: int, seconds: float) -> dict[str, float]:
+def h2load(
+    exe: str, port: int, frame: Path, concurrency: int, seconds: float, headers: tuple[str, ...] = ()
+) -> dict[str, float]:
+    extra = [arg for header in headers for arg in ("-H", header)]  # e.g. gRPC metadata "hotserve-route-key: u1"
     cmd = [exe, "-c", "1", "-m", str(concurrency), "-D", f"{int(seconds * 1000)}ms", "-d", str(frame),
-           "-H", "content-type: application/grpc", "-H", "te: trailers",
+           "-H", "content-type: application/grpc", "-H", "te: trailers", *extra,
            f"http://127.0.0.1:{port}{METHOD}"]  # fmt: skip
     before = os.times()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -103,10 +106,12 @@ def _ms(text: str) -> float:
     return value / 1000 if text.endswith("us") else value * 1000 if text.endswith("s") and "ms" not in text else value
 
 
-def measure(exe: str, pid: int, port: int, frame: Path, concurrency: int, seconds: float) -> dict[str, float]:
-    h2load(exe, port, frame, concurrency, 0.5)  # warm-up, not measured
+def measure(
+    exe: str, pid: int, port: int, frame: Path, concurrency: int, seconds: float, headers: tuple[str, ...] = ()
+) -> dict[str, float]:
+    h2load(exe, port, frame, concurrency, 0.5, headers)  # warm-up, not measured
     start_cpu, start = cpu_seconds(pid), time.perf_counter()
-    result = h2load(exe, port, frame, concurrency, seconds)
+    result = h2load(exe, port, frame, concurrency, seconds, headers)
     cpu, wall = cpu_seconds(pid) - start_cpu, time.perf_counter() - start
     result["server_cpu_pct"] = 100 * cpu / wall
     result["server_cpu_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)

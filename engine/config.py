@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +63,17 @@ class VersionPolicy:
 
 
 @dataclass(frozen=True)
+class Routing:
+    """How requests that name no number find a version: labels and traffic weights, as configured."""
+
+    labels: Mapping[str, int] = field(default_factory=dict)  # version label → version number
+    traffic: tuple[tuple[int | str, int], ...] = ()  # (version number or label, weight), in file order
+
+    def __bool__(self) -> bool:
+        return bool(self.labels or self.traffic)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     base_path: Path  # absolute
@@ -75,6 +86,7 @@ class ModelConfig:
     plugin_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     allow_cache: bool = False
     custom_loader_options: Mapping[str, str] | None = None
+    routing: Routing = field(default_factory=Routing)  # applied live: never part of a reload
 
     @property
     def loader_name(self) -> str | None:
@@ -88,6 +100,10 @@ class ModelConfig:
     def needs_reload(self, other: ModelConfig) -> bool:
         """True when a served version must be recompiled to go from `self` to `other` (all fields but name/policy)."""
         return _compiled_fields(self) != _compiled_fields(other)
+
+    def without_routing(self) -> ModelConfig:
+        """This config as far as loading is concerned (a label or weight edit is not a reason to retry a load)."""
+        return replace(self, routing=Routing()) if self.routing else self
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,50 @@ def name_problem(name: str) -> str | None:
     if MODEL_NAME.fullmatch(name) and ".." not in name:
         return None
     return f"invalid model name {json.dumps(name)}: {MODEL_NAME_RULE}"
+
+
+LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+LABEL_RULE = (
+    "a version label is 1 to 64 characters: letters A-Z a-z, digits, '_', '.' and '-', starting with a letter "
+    "or '_' (so that it is never a version number)"
+)
+VERSION_KEY = re.compile(r"[1-9][0-9]{0,18}")
+MAX_VERSION = (1 << 63) - 1
+
+
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be a version label, or None."""
+    return None if LABEL.fullmatch(label) else f"invalid version label {json.dumps(label)}: {LABEL_RULE}"
+
+
+def _labels(entry: _Entry, value: Mapping[str, int]) -> dict[str, int]:
+    labels = {}
+    for label, version in value.items():
+        problem = label_problem(label)
+        if problem:
+            entry.error(["version_labels", label], problem)
+        else:
+            labels[label] = version
+    return labels
+
+
+def _traffic(entry: _Entry, value: Mapping[str, int], labels: Mapping[str, int]) -> tuple[tuple[int | str, int], ...]:
+    weights: list[tuple[int | str, int]] = []
+    for key, weight in value.items():
+        if key.isascii() and VERSION_KEY.fullmatch(key) and int(key) <= MAX_VERSION:
+            weights.append((int(key), weight))
+        elif label_problem(key) is None and key in labels:
+            weights.append((key, weight))
+        elif label_problem(key) is None:
+            known = ", ".join(sorted(labels)) or "none"
+            entry.error(["traffic", key], f"unknown version label {json.dumps(key)}: a traffic key is a version "
+                                          f"number or a label of version_labels (labels: {known})")  # fmt: skip
+        else:
+            entry.error(["traffic", key], f"traffic key {json.dumps(key)} is neither a version number (1, 2, …) "
+                                          f"nor a label ({LABEL_RULE})")  # fmt: skip
+    if value and not any(weight > 0 for _, weight in value.items()):
+        entry.error("traffic", "every weight is 0: at least one version must get traffic")
+    return tuple(weights)
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -232,6 +292,8 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
                 )
         if raw.get("allow_cache"):
             entry.error("allow_cache", ALLOW_CACHE_WITH_LOADER)
+    labels = _labels(entry, raw.get("version_labels", {}))
+    traffic = _traffic(entry, raw.get("traffic", {}), labels)
     if entry.errors:
         return None
     return ModelConfig(
@@ -246,6 +308,7 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
         plugin_config=plugin,
         allow_cache=bool(raw.get("allow_cache", False)),
         custom_loader_options=dict(options) if options is not None else None,
+        routing=Routing(labels, traffic),
     )
 
 

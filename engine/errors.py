@@ -10,6 +10,7 @@ class Code(Enum):
 
     MODEL_NAME_MISSING = ("Model with requested name is not found", "NOT_FOUND", 404)
     MODEL_VERSION_MISSING = ("Model with requested version is not found", "NOT_FOUND", 404)
+    MODEL_VERSION_LABEL_MISSING = ("Model with requested version label is not found", "NOT_FOUND", 404)
     MODEL_VERSION_NOT_LOADED_ANYMORE = ("Model with requested version is retired", "NOT_FOUND", 404)
     MODEL_VERSION_NOT_LOADED_YET = ("Model with requested version is not loaded yet", "UNAVAILABLE", 404)
     MODEL_SPEC_MISSING = ("model_spec missing in request", "INVALID_ARGUMENT", 400)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import ModelConfig
+from .config import ModelConfig, Routing
 from .errors import Code, ServingError
 from .loader_bridge import LoaderError
 from .loaders import ModelLoader
@@ -97,6 +97,11 @@ class Lifecycle:
 
     def get(self, name: str, version: int) -> VersionLife | None:
         return self._lives.get((name, version))
+
+    def route(self, name: str, routing: Routing) -> bool:
+        """Apply a model's labels and traffic; no version is loaded or retired. Labels then follow the versions'
+        installs and retires (the registry re-resolves them in the same write). True when they changed."""
+        return self.registry.set_routing(name, routing)
 
     async def in_loader_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a call into a loader library (or a free) on the loader thread, in submission order."""

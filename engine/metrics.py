@@ -37,32 +37,38 @@ class Metrics:
     def __init__(self, registry: Registry, reconciler: ReloadCounts, cache: ModelCache | None) -> None:
         self.registry = registry
         self.collectors = CollectorRegistry()
-        self.requests = Counter(
-            "hotserve_requests", "Inference requests", ["model", "version", "api"], registry=self.collectors
-        )
+        per_version = ["model", "version", "api", "version_label"]  # version_label: the version's labels then
+        self.requests = Counter("hotserve_requests", "Inference requests", per_version, registry=self.collectors)
         self.failures = Counter(
-            "hotserve_request_failures", "Inference requests that failed", ["model", "version", "api"],
-            registry=self.collectors,
-        )  # fmt: skip
+            "hotserve_request_failures", "Inference requests that failed", per_version, registry=self.collectors
+        )
         self.latency = Histogram(
             "hotserve_request_duration_seconds", "Inference request latency", ["model", "api"],
             buckets=LATENCY_BUCKETS, registry=self.collectors,
         )  # fmt: skip
         self.collectors.register(_StateCollector(registry, reconciler, cache))
-        self._series: set[tuple[str, str, str]] = set()
+        self._series: set[tuple[str, str, str, str]] = set()
         # label children, looked up once per series rather than per request (prometheus_client's labels() locks)
-        self._children: dict[tuple[str, str, str], list[Any]] = {}
+        self._children: dict[tuple[str, str, str, str], list[Any]] = {}
 
-    def observe(self, model: str, version: int | None, api: str, ok: bool, seconds: float) -> None:
-        """Count one inference request. Names and versions a client made up are labelled "": bounded series."""
+    def observe(self, model: str, version: int | str | None, api: str, ok: bool, seconds: float) -> None:
+        """Count one inference request, with the labels its version holds at that moment ("canary,stable").
+
+        Names, versions and labels a client made up are labelled "": bounded series (labels come from the config).
+        """
         entry = self.registry.models.get(model)
+        tags = ""
         if entry is None:
             model, version = "", None
-        elif not version:
-            version = entry.default_version()  # a failed request without a version: the one it would have got
-        elif version not in entry.slots:
-            version = None
-        labels = (model, str(version) if version else "", api)
+        else:
+            if isinstance(version, str):
+                version = entry.routes.labels.get(version)  # a failed request by label: the version it names
+            elif not version and not entry.routes.routed:
+                version = entry.default_version()  # a failed request without a version: the one it would have got
+            if version not in entry.slots:
+                version = None
+            tags = entry.routes.names.get(version, "") if version else ""
+        labels = (model, str(version) if version else "", api, tags)
         children = self._children.get(labels)
         if children is None:
             self._series.add(labels)
@@ -82,7 +88,7 @@ class Metrics:
     def _prune(self) -> None:
         """Drop the series of versions the registry forgot and of models it no longer has: bounded series."""
         for labels in list(self._series):
-            model, version, api = labels
+            model, version, api, _ = labels
             entry = self.registry.models.get(model) if model else None
             if model and (entry is None or (version and int(version) not in entry.slots)):
                 self._series.discard(labels)

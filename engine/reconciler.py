@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import versions
-from .config import Config, ConfigInvalid, ModelConfig
+from .config import Config, ConfigInvalid, ModelConfig, Routing
 from .errors import Code, ServingError
 from .lifecycle import Applied, Hooks, Lifecycle
 from .loaders import LoaderSet, ModelLoader
@@ -168,6 +168,8 @@ class Reconciler:
         for name, model_errors in invalid.items():
             entry = self.registry.ensure(name)  # at start-up it is listed with its error, as on a live reload
             entry.error = "Invalid config entry: " + "; ".join(f"{e.pointer}: {e.message}" for e in model_errors)
+        for model in desired.values():  # before the loads: a label moved to a new version waits for its install
+            changed |= self.lifecycle.route(model.name, model.routing)
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._model(m)) for m in desired.values()]
         for task in tasks:
@@ -180,6 +182,7 @@ class Reconciler:
             if self._desired.get(name) is not None:
                 log.info("Retiring all versions of model: %s (removed from the config)", name)
                 changed |= self._retire_all(name)
+                self.lifecycle.route(name, Routing())
                 await self.loaders.retire_model(self._desired[name], self.lifecycle.in_loader_thread)
                 self._desired[name] = None
                 self._forget_failures(name)
@@ -314,7 +317,7 @@ class Reconciler:
         failure = self._failures.get((model.name, version))
         if failure is None:
             return False
-        if failure.key != (model, quiet.get(version)):
+        if failure.key != (model.without_routing(), quiet.get(version)):
             return False
         return time.monotonic() < failure.next_try
 
@@ -336,7 +339,7 @@ class Reconciler:
         return error
 
     def _note_failure(self, model: ModelConfig, version: int, quiet: float) -> None:
-        key = (model, quiet)
+        key = (model.without_routing(), quiet)  # a label or weight edit does not retry a failed load
         previous = self._failures.get((model.name, version))
         attempts = previous.attempts + 1 if previous is not None and previous.key == key else 1
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempts - 1))

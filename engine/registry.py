@@ -1,7 +1,9 @@
 """name → versions → the served version a request gets; leases so a retiring version waits for its requests.
 
 Everything here runs on the event loop thread, so there are no locks: a swap is one assignment. Front ends read;
-only engine/lifecycle.py writes a version's slot (and the reconciler a model's `error`).
+only engine/lifecycle.py writes a version's slot and a model's routing (and the reconciler a model's `error`).
+Every write that can change a version's availability, and every routing change, rebuilds the model's `Routes`
+(engine/routing.py) in the same call: a label follows its version the moment that version is installed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from .config import Routing
 from .errors import Code, ServingError
+from .routing import NO_ROUTES, Routes, resolve
+from .safe_text import safe
 from .served import ServedVersion
 from .status import State, VersionStatus, log_change
 
@@ -45,6 +50,8 @@ class Model:
     name: str
     slots: dict[int, Slot] = field(default_factory=dict)
     error: str | None = None  # a model-level problem (missing base_path, unknown loader, invalid config entry)
+    routing: Routing = field(default_factory=Routing)  # as configured
+    routes: Routes = NO_ROUTES  # as resolved against what is AVAILABLE now
     _default: int | None = field(default=None, repr=False, compare=False)
     _default_known: bool = field(default=False, repr=False, compare=False)
 
@@ -60,6 +67,17 @@ class Model:
     def changed(self) -> None:
         self._default_known = False
 
+    def available(self) -> list[int]:
+        return [v for v, s in self.slots.items() if s.status.state == State.AVAILABLE and s.served is not None]
+
+    def reroute(self) -> None:
+        if self.routes is NO_ROUTES and not self.routing:
+            return  # no labels, no traffic: nothing to resolve (most models)
+        routes, said = resolve(self.name, self.routing, self.available(), self.routes)
+        self.routes = routes
+        for line in said:
+            log.info("%s", line)
+
 
 class Registry:
     def __init__(self) -> None:
@@ -72,22 +90,42 @@ class Registry:
             raise ServingError(Code.MODEL_NAME_MISSING)
         return found
 
-    def slot(self, name: str, version: int | None) -> tuple[int, Slot]:
-        """The slot a request names; version None or 0 = the default version."""
+    def slot(
+        self, name: str, version: int | str | None, key: str | None = None, draw: bool = False
+    ) -> tuple[int, Slot]:
+        """The slot a request names: a number, a label (str), or None/0: with `traffic`, a version drawn by weight
+        for an inference (`draw`; sticky for a routing `key`) and the most weighted one for metadata and readiness;
+        without, the default version."""
         model = self.model(name)
         if not version:
+            routes = model.routes
+            if routes.routed:
+                number = (routes.route(key) if key else routes.draw()) if draw else routes.main
+                if number is None:
+                    raise ServingError(Code.MODEL_VERSION_MISSING, "no version that traffic names is AVAILABLE")
+                return number, model.slots[number]
             default = model.default_version()
             if default is None:
                 raise ServingError(Code.MODEL_VERSION_MISSING)
             return default, model.slots[default]
+        if isinstance(version, str):
+            number = model.routes.labels.get(version)
+            if number is None:
+                raise ServingError(Code.MODEL_VERSION_LABEL_MISSING, f"label: {safe(version)}")
+            found = model.slots.get(number)
+            if found is None:
+                raise ServingError(Code.MODEL_VERSION_MISSING, f"label {version} names version {number}")
+            return number, found
         found = model.slots.get(version)
         if found is None:
             raise ServingError(Code.MODEL_VERSION_MISSING)
         return version, found
 
-    def lease(self, name: str, version: int | None, wait: float = LOAD_WAIT_SECONDS) -> Lease:
+    def lease(
+        self, name: str, version: int | str | None, wait: float = LOAD_WAIT_SECONDS, key: str | None = None
+    ) -> Lease:
         """Hold a served version for the length of a request (`async with`); retiring it waits for the release."""
-        _, slot = self.slot(name, version)
+        _, slot = self.slot(name, version, key, draw=True)
         return Lease(self, slot, wait)
 
     async def _ready(self, slot: Slot, wait: float) -> ServedVersion:
@@ -109,9 +147,18 @@ class Registry:
     def statuses(self, name: str) -> list[VersionStatus]:
         return [s.status for _, s in sorted(self.model(name).slots.items())]
 
-    # ---- writes (reconciler) ----
+    # ---- writes (lifecycle) ----
     def ensure(self, name: str) -> Model:
         return self.models.setdefault(name, Model(name))
+
+    def set_routing(self, name: str, routing: Routing) -> bool:
+        """Apply a model's labels and traffic (no version is touched); True when they changed."""
+        model = self.ensure(name)
+        if model.routing == routing:
+            return False
+        model.routing = routing
+        model.reroute()
+        return True
 
     def set_status(self, name: str, status: VersionStatus) -> None:
         model = self.ensure(name)
@@ -125,6 +172,7 @@ class Registry:
             slot.status = status
             if (before.state, before.error_code) != (status.state, status.error_code):
                 log_change(name, status)
+        model.reroute()
         slot.changed.set()
 
     def install(self, name: str, served: ServedVersion, status: VersionStatus) -> ServedVersion | None:
@@ -148,6 +196,7 @@ class Registry:
         slot = model.slots[version]
         served, slot.served = slot.served, None
         model.changed()
+        model.reroute()
         self._log_default(model, before)
         return served
 
@@ -157,6 +206,7 @@ class Registry:
         if model is not None:
             model.slots.pop(version, None)
             model.changed()
+            model.reroute()
 
     def _log_default(self, model: Model, before: int | None) -> None:
         after = model.default_version()

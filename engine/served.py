@@ -98,7 +98,7 @@ class ServedVersion:
         try:
             await done
         except asyncio.CancelledError:
-            if not done.cancelled():  # OpenVINO finished just before the cancel: nothing is running any more
+            if not done.cancelled() or call.done is not done:  # OpenVINO finished (its _complete ran): nothing runs
                 idle.put_nowait((request, call))
                 raise
             # The client went away but OpenVINO still runs the request: it keeps the version (drain, free, a
@@ -168,6 +168,8 @@ class ServedVersion:
         done = call.done
         if done is not None and not done.done():
             done.set_result(None)
+        elif done is not None and done.cancelled():
+            call.done = None  # cancelled, and its task has not run yet: it sees this and gives the request back
 
     # Leases: the registry counts in-flight requests so a retiring version can wait for them.
     def acquire(self) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from .frontend.routing_wire import split_labels
 from .usage import Parser
 
 EX_UNAVAILABLE = 69
@@ -15,8 +16,11 @@ WATCH_SECONDS = 1.0
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def fetch(address: str, model: str | None, timeout: float = 5.0) -> list[tuple[str, str, str, str, str]]:
-    """Rows of (model, version, state, cache, error)."""
+Row = tuple[str, str, str, str, str, str]
+
+
+def fetch(address: str, model: str | None, timeout: float = 5.0) -> list[Row]:
+    """Rows of (model, version, state, cache, labels, error)."""
     from .frontend.generated.inference import grpc_service_pb2 as pb
     from .frontend.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -27,14 +31,15 @@ def fetch(address: str, model: str | None, timeout: float = 5.0) -> list[tuple[s
         if model is not None and entry.name != model:
             continue
         ready = entry.state == "READY"
-        cache = entry.reason.removeprefix("cache: ") if ready else ""
-        rows.append((entry.name, entry.version or "-", "AVAILABLE" if ready else entry.state, cache,
-                     "" if ready else entry.reason))  # fmt: skip
+        reason, labels = split_labels(entry.reason)
+        cache = reason.removeprefix("cache: ") if ready else ""
+        rows.append((entry.name, entry.version or "-", "AVAILABLE" if ready else entry.state, cache, labels,
+                     "" if ready else reason))  # fmt: skip
     return rows
 
 
-def render(rows: list[tuple[str, str, str, str, str]]) -> str:
-    header = ("MODEL", "VERSION", "STATE", "CACHE", "ERROR")
+def render(rows: list[Row]) -> str:
+    header = ("MODEL", "VERSION", "STATE", "CACHE", "LABELS", "ERROR")
     table = [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in table]

@@ -38,8 +38,8 @@ def test_metrics_drop_the_series_of_forgotten_versions() -> None:
     assert b'version="1"' in metrics.render()
     registry.forget("m", 1)
     text = metrics.render()
-    assert b'hotserve_requests_total{api="kserve",model="m",version="2"}' in text
-    assert b'hotserve_requests_total{api="kserve",model="m",version="1"}' not in text
+    assert b'hotserve_requests_total{api="kserve",model="m",version="2",version_label=""}' in text
+    assert b'hotserve_requests_total{api="kserve",model="m",version="1",version_label=""}' not in text
 
 
 @aio

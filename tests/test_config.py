@@ -68,6 +68,19 @@ SEMANTIC = [
      "allow_cache is set to true with custom loader usage"),
     ({"custom_loader_options": {"loader_name": "l", "n": 3}}, "/custom_loader_options/n", "must be strings, got 3"),
     ({"custom_loader_options": {"loader_name": "l", "o": {"a": 1}}}, "/custom_loader_options/o", "must be strings"),
+    ({"version_labels": {"3": 3}}, "/version_labels/3", 'invalid version label "3": a version label is 1 to 64'),
+    ({"version_labels": {"a b": 3}}, "/version_labels/a b", "starting with a letter or '_'"),
+    ({"version_labels": {"-x": 3}}, "/version_labels/-x", "invalid version label"),
+    ({"version_labels": {"x" * 65: 3}}, "/version_labels/" + "x" * 65, "1 to 64 characters"),
+    ({"version_labels": {"a/b": 3}}, "/version_labels/a~1b", "invalid version label"),
+    ({"traffic": {"canary": 10}}, "/traffic/canary",
+     'unknown version label "canary": a traffic key is a version number or a label of version_labels (labels: none)'),
+    ({"version_labels": {"stable": 1}, "traffic": {"stable": 5, "canary": 1}}, "/traffic/canary", "(labels: stable)"),
+    ({"traffic": {"03": 10}}, "/traffic/03", 'traffic key "03" is neither a version number (1, 2, …) nor a label'),
+    ({"traffic": {"0": 10}}, "/traffic/0", "neither a version number"),
+    ({"traffic": {"-1": 10}}, "/traffic/-1", "neither a version number"),
+    ({"traffic": {"99999999999999999999": 1}}, "/traffic/99999999999999999999", "neither a version number"),
+    ({"traffic": {"1": 0, "2": 0}}, "/traffic", "every weight is 0: at least one version must get traffic"),
 ]
 # fmt: on
 
@@ -347,6 +360,32 @@ def test_schema_errors_are_not_mixed_with_semantic_ones(tmp_path: Path) -> None:
     # a schema error refuses the file, so entries are not normalised at all (and nothing is applied)
     path = write(tmp_path, {"model_config_list": [model("a", nireq=-1), model("b", shape="bad")]})
     assert [e.pointer for e in C.validate_file(path)] == ["/model_config_list/0/config/nireq"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "pointer"),
+    [
+        ({"version_labels": {"stable": 0}}, "/version_labels/stable"),
+        ({"version_labels": {"stable": "3"}}, "/version_labels/stable"),
+        ({"version_labels": [3]}, "/version_labels"),
+        ({"traffic": {"1": -1}}, "/traffic/1"),
+        ({"traffic": {"1": 1.5}}, "/traffic/1"),
+        ({"traffic": {"1": 1000001}}, "/traffic/1"),
+        ({"traffic": {}}, "/traffic"),
+    ],
+)
+def test_label_and_traffic_types_are_schema_errors(tmp_path: Path, fields: dict, pointer: str) -> None:
+    (error,) = C.validate_file(write(tmp_path, {"model_config_list": [model("m", **fields)]}))
+    assert (error.pointer, error.model) == (M0 + pointer, "m"), error
+
+
+def test_labels_and_traffic_are_routing_not_a_reload(tmp_path: Path) -> None:
+    doc = model("m", version_labels={"stable": 3, "canary": 4}, traffic={"stable": 90, "4": 10, "7": 0})
+    (m,) = load(tmp_path, doc).models
+    assert m.routing == C.Routing({"stable": 3, "canary": 4}, (("stable", 90), (4, 10), (7, 0)))
+    (plain,) = load(tmp_path, model("m")).models
+    assert not plain.routing and not plain.needs_reload(m), "editing labels or weights recompiles nothing"
+    assert m.without_routing() == plain
 
 
 # ---- ModelConfig behaviour ----

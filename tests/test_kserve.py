@@ -106,9 +106,12 @@ def test_live_ready_and_server_metadata(client) -> None:  # type: ignore[no-unty
 def test_model_ready_variants(client) -> None:  # type: ignore[no-untyped-def]
     assert client.is_model_ready("dummy")
     assert client.is_model_ready("dummy", "1")
-    err = error_of(lambda: client.is_model_ready("dummy", "abc"))
+    err = error_of(lambda: client.is_model_ready("dummy", "abc"))  # a name is a version label: none is defined
+    assert err.status() == "StatusCode.NOT_FOUND"
+    assert err.message() == "Model with requested version label is not found - label: abc"
+    err = error_of(lambda: client.is_model_ready("dummy", "a/b"))
     assert err.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "invalid model version format in request" in err.message()
+    assert "invalid model version format in request - a/b is neither a version number nor" in err.message()
     err = error_of(lambda: client.is_model_ready("dummy", "7"))
     assert err.status() == "StatusCode.NOT_FOUND"
     assert "Model with requested version is not found" in err.message()

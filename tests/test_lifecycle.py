@@ -384,6 +384,36 @@ async def test_a_cancelled_request_holds_the_version_until_openvino_returns(env:
     await env.close()
 
 
+@aio
+async def test_a_cancel_that_meets_openvinos_completion_gives_the_infer_request_back(env: Env) -> None:
+    """The cancel lands after OpenVINO's completion was queued but before the task ran: nothing runs any more, so
+    the infer request must go back to the pool (it was lost, and with nireq 1 the version hung for good)."""
+    env.version("m", 1)
+    env.model("m", nireq=1)
+    assert (await env.reload()).ok
+    served = env.served("m", 1)
+    finished = threading.Event()
+    held: list[Any] = []
+
+    def completion(call: Any) -> None:  # OpenVINO's thread: hold the first completion, pass the others on
+        if not held:
+            held.append(call)
+            finished.set()
+        else:
+            served._loop.call_soon_threadsafe(served._complete, call)
+
+    served._callback = completion  # type: ignore[method-assign]  # before the first inference sets the callbacks
+    request = asyncio.create_task(env.infer("m"))
+    assert await asyncio.to_thread(finished.wait, 30), "OpenVINO never finished"
+    request.cancel()  # the task's wake-up is queued now ...
+    served._complete(held[0])  # ... behind OpenVINO's completion, which the loop runs first
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert served._idle.qsize() == 1 and served.inflight == 0, "the infer request is back and the version not held"
+    assert (await asyncio.wait_for(env.infer("m"), 30))[0] == 1
+    await env.close()
+
+
 # ---- 9. an invalid entry at start-up fails that model only ----
 @aio
 async def test_a_semantically_invalid_entry_at_start_up_is_listed_with_its_error(env: Env) -> None:

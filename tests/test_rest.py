@@ -65,8 +65,8 @@ def test_v1_config_and_reload_codes(env) -> None:  # type: ignore[no-untyped-def
     assert status == 200
     assert body["dummy"] == {
         "model_version_status": [
-            {"version": "1", "state": "AVAILABLE", "status": ok},
-            {"version": "2", "state": "AVAILABLE", "status": ok},
+            {"version": "1", "state": "AVAILABLE", "status": ok, "labels": [], "pending_labels": []},
+            {"version": "2", "state": "AVAILABLE", "status": ok, "labels": [], "pending_labels": []},
         ]
     }
     assert body["_last_reload"] == {"ok": True, "changed": True, "config_valid": True, "errors": []}
@@ -75,7 +75,9 @@ def test_v1_config_and_reload_codes(env) -> None:  # type: ignore[no-untyped-def
     write(config, model_entry("dummy", tmp_path / "dummy"), model_entry("extra", tmp_path / "extra"))
     status, body = http("POST", f"{base}/v1/config/reload")
     assert status == 201
-    assert body["extra"]["model_version_status"] == [{"version": "1", "state": "AVAILABLE", "status": ok}]
+    assert body["extra"]["model_version_status"] == [
+        {"version": "1", "state": "AVAILABLE", "status": ok, "labels": [], "pending_labels": []}
+    ]
     states = [v["state"] for v in body["dummy"]["model_version_status"]]
     assert states[0] in ("UNLOADING", "END") and states[1] == "AVAILABLE"  # latest policy retires version 1
     write(config, model_entry("extra", tmp_path / "extra"), model_entry("broken", tmp_path / "broken"))
@@ -113,8 +115,13 @@ def test_v2_server_health_and_model_metadata(env) -> None:  # type: ignore[no-un
     assert status == 404 and err == {"error": "Model with requested version is not found"}
     status, err = http("GET", f"{base}/v2/models/nope")
     assert status == 404 and err == {"error": "Model with requested name is not found"}
-    status, err = http("GET", f"{base}/v2/models/dummy/versions/x")
-    assert status == 400 and err == {"error": "invalid model version format in request"}
+    status, err = http("GET", f"{base}/v2/models/dummy/versions/x")  # a name: a version label (none is defined)
+    assert status == 404 and err == {"error": "Model with requested version label is not found - label: x"}
+    status, err = http("GET", f"{base}/v2/models/dummy/versions/1.5")
+    assert status == 400
+    assert err == {
+        "error": "invalid model version format in request - 1.5 is neither a version number nor a version label"
+    }
     assert http("GET", f"{base}/v2/models/dummy/ready") == (200, {"name": "dummy", "ready": True})
     assert http("GET", f"{base}/v2/models/dummy/versions/1/ready") == (200, {"name": "dummy", "ready": True})
     assert http("GET", f"{base}/v2/models/dummy/versions/3/ready")[0] == 404

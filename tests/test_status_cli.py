@@ -32,7 +32,7 @@ def test_table_shows_states_cache_and_the_real_error(tmp_path: Path, serve) -> N
     result = status("--address", server.address)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "STATE", "CACHE", "ERROR"]
+    assert lines[0].split() == ["MODEL", "VERSION", "STATE", "CACHE", "LABELS", "ERROR"]
     good = next(line for line in lines if line.startswith("good"))
     assert "AVAILABLE" in good and "enabled" in good
     bad_line = next(line for line in lines if line.startswith("bad"))

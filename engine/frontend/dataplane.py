@@ -11,14 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import label_problem
 from ..errors import Code, ServingError
 from ..registry import Model, Registry, Slot
+from ..routing import NO_ROUTES, Routes
+from ..safe_text import safe
 from ..served import ServedVersion
 from ..status import ReloadResult, State, VersionStatus
 from ..tensors import TensorSpec, shape_text
 from .tensor import Tensor
 
-__all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "parse_version", "validate"]
+__all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "Version", "parse_version", "validate"]
 
 PLATFORM = "OpenVINO"
 RESHAPE_ATTEMPTS = 2  # a reshape a concurrent reload superseded is tried once more
@@ -41,16 +44,30 @@ class ModelView:
     name: str
     versions: tuple[VersionStatus, ...]
     error: str | None
+    routes: Routes = NO_ROUTES  # labels: which version each serves now, which wait for their version
+
+    def labels(self, version: int) -> tuple[str, ...]:
+        return self.routes.labels_of(version)
+
+    def pending_labels(self, version: int) -> tuple[str, ...]:
+        return self.routes.pending_for(version)
 
 
-def parse_version(text: str) -> int | None:
-    """KServe sends versions as strings: "" = default."""
+Version = int | str | None  # a number, a version label (hotserve's extension), or None: the default / traffic
+
+
+def parse_version(text: str) -> Version:
+    """KServe sends versions as strings: "" = default, a number, or a version label."""
     if text == "":
         return None
     try:
         return int(text)
     except ValueError:
-        raise ServingError(Code.MODEL_VERSION_INVALID_FORMAT) from None
+        if label_problem(text) is None:
+            return text
+        raise ServingError(
+            Code.MODEL_VERSION_INVALID_FORMAT, f"{safe(text)} is neither a version number nor a version label"
+        ) from None
 
 
 class DataPlane:
@@ -60,7 +77,7 @@ class DataPlane:
         reload: Callable[[], Awaitable[ReloadResult]],
         last_result: Callable[[], ReloadResult | None],
         reshape: Callable[[str, int, dict[str, tuple[int, ...]]], Awaitable[bool]],
-        observe: Callable[[str, int | None, str, bool, float], None] | None = None,
+        observe: Callable[[str, Version, str, bool, float], None] | None = None,
     ) -> None:
         self._observe = observe  # metrics: (model, version, api, ok, seconds)
         self.registry = registry
@@ -71,7 +88,7 @@ class DataPlane:
         self.draining = False  # set on SIGTERM: health says NOT_SERVING while requests are still served
 
     # ---- status ----
-    def model_ready(self, name: str, version: int | None) -> bool:
+    def model_ready(self, name: str, version: Version) -> bool:
         _, slot = self.registry.slot(name, version)
         return slot.status.state == State.AVAILABLE and slot.served is not None
 
@@ -80,16 +97,21 @@ class DataPlane:
 
     def model_view(self, name: str) -> ModelView:
         model: Model = self.registry.model(name)
-        return ModelView(name, tuple(s.status for _, s in sorted(model.slots.items())), model.error)
+        return ModelView(name, tuple(s.status for _, s in sorted(model.slots.items())), model.error, model.routes)
 
-    def version_status(self, name: str, version: int | None) -> list[VersionStatus]:
+    def routed(self, name: str) -> bool:
+        """Whether `name` has traffic weights: only then does a front end look for a routing key."""
+        model = self.registry.models.get(name)
+        return model is not None and model.routes.routed
+
+    def version_status(self, name: str, version: Version) -> list[VersionStatus]:
         """TF Serving's GetModelStatus: every version when none is given, else that one."""
         if not version:
             return self.registry.statuses(name)
         _, slot = self.registry.slot(name, version)
         return [slot.status]
 
-    def slot(self, name: str, version: int | None) -> tuple[int, Slot]:
+    def slot(self, name: str, version: Version) -> tuple[int, Slot]:
         return self.registry.slot(name, version)
 
     async def reload(self) -> ReloadResult:
@@ -99,7 +121,7 @@ class DataPlane:
         return self._last_result()
 
     # ---- metadata ----
-    def metadata(self, name: str, version: int | None) -> Metadata:
+    def metadata(self, name: str, version: Version) -> Metadata:
         number, slot = self.registry.slot(name, version)
         served = self._serving(slot)
         model = self.registry.model(name)
@@ -118,15 +140,22 @@ class DataPlane:
 
     # ---- inference ----
     async def infer(
-        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str] = (), api: str = "kserve"
+        self,
+        name: str,
+        version: Version,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[str] = (),
+        api: str = "kserve",
+        route_key: str | None = None,
     ) -> tuple[int, list[Tensor]]:
         """Validate, infer without blocking the loop, return (version, outputs in the requested or model order).
 
-        A request whose shape differs from an `auto` version's reshapes that version once, then runs.
+        A request without a version to a model with traffic is drawn by weight (sticky for a `route_key`). A request
+        whose shape differs from an `auto` version's reshapes that version once, then runs.
         """
         started = time.perf_counter_ns()  # the one clock pair of a request: statistics and metrics share it
         try:
-            number, results, elapsed = await self._infer(name, version, inputs, outputs, started)
+            number, results, elapsed = await self._infer(name, version, inputs, outputs, started, route_key)
         except BaseException:
             if self._observe is not None:
                 self._observe(name, version, api, False, (time.perf_counter_ns() - started) / 1e9)
@@ -136,10 +165,16 @@ class DataPlane:
         return number, results
 
     async def _infer(
-        self, name: str, version: int | None, inputs: Sequence[Tensor], outputs: Sequence[str], started: int
+        self,
+        name: str,
+        version: Version,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[str],
+        started: int,
+        route_key: str | None,
     ) -> tuple[int, list[Tensor], int]:
         for attempt in range(RESHAPE_ATTEMPTS + 1):
-            async with self.registry.lease(name, version) as slot:
+            async with self.registry.lease(name, version, key=route_key) as slot:
                 served = slot.served
                 assert served is not None
                 try:

@@ -17,6 +17,7 @@ from .generated.inference import grpc_service_pb2 as pb
 from .generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .generated.inference import model_config_pb2 as mc
 from .grpc_errors import Replacing, guarded
+from .routing_wire import labels_note, route_key
 from .tensor import make_tensor
 
 SERVER_NAME = "hotserve"
@@ -90,9 +91,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         request = wire.message
         inputs = await offload.decode(wire.size, _decode_inputs, wire)
         outputs = [o.name for o in request.outputs]
-        version, results = await self.plane.infer(
-            request.model_name, parse_version(request.model_version), inputs, outputs
-        )
+        version = parse_version(request.model_version)
+        key = route_key(request.parameters, context) if not version and self.plane.routed(request.model_name) else None
+        version, results = await self.plane.infer(request.model_name, version, inputs, outputs, route_key=key)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
         for tensor in results:
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
@@ -112,6 +113,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reason = status.error_message if status.error_message != "OK" else view.error or ""
                 if ready:  # a served version's reason says how it was compiled (for `hotserve status`)
                     reason = f"cache: {status.cache}" + ("; loaded from cache" if status.loaded_from_cache else "")
+                reason += labels_note(view.labels(status.version), view.pending_labels(status.version))
                 response.models.add(
                     name=view.name,
                     version=str(status.version),
@@ -124,6 +126,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         names = [request.name] if request.name else [v.name for v in self.plane.models()]
         wanted = parse_version(request.version)
+        if isinstance(wanted, str):
+            wanted = self.plane.slot(request.name, wanted)[0]  # a label: the version it serves now
         response = pb.ModelStatisticsResponse()
         for name in names:
             for number, slot in sorted(self.plane.registry.model(name).slots.items()):

@@ -52,6 +52,8 @@ def config_status(plane: DataPlane) -> dict[str, Any]:
                     "version": str(s.version),
                     "state": s.state.name,
                     "status": {"error_code": s.error_code.name, "error_message": s.error_message},
+                    "labels": list(view.labels(s.version)),  # the labels this version serves now
+                    "pending_labels": list(view.pending_labels(s.version)),  # labels waiting for it to be AVAILABLE
                 }
                 for s in view.versions
             ]
@@ -150,7 +152,12 @@ def app(
         body = await offload.infer_body(await request.read())
         name = request.match_info["name"]
         version, outputs = await plane.infer(
-            name, parse_version(request.match_info.get("version", "")), body.inputs, body.outputs, api="rest"
+            name,
+            parse_version(request.match_info.get("version", "")),
+            body.inputs,
+            body.outputs,
+            api="rest",
+            route_key=body.route_key,
         )
         response = {"model_name": name, "model_version": str(version), "outputs": [_encode(t) for t in outputs]}
         if body.has_id:

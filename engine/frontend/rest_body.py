@@ -20,6 +20,7 @@ class InferBody:
     outputs: tuple[str, ...]
     id: Any = None  # echoed back when the request had one
     has_id: bool = False
+    route_key: str | None = None  # "parameters": {"route_key": …}: sticky traffic routing
 
 
 def _bad(detail: str) -> ServingError:
@@ -60,4 +61,11 @@ def parse_infer(body: bytes) -> InferBody:
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
         raise _bad('"outputs" must be an array of {"name": ...} objects')
-    return InferBody(tuple(inputs), tuple(o["name"] for o in outputs), doc.get("id"), "id" in doc)
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise _bad('"parameters" must be an object')
+    key = parameters.get("route_key")
+    if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
+        raise _bad("parameters.route_key must be a string or an integer")
+    key = str(key) if key is not None and key != "" else None
+    return InferBody(tuple(inputs), tuple(o["name"] for o in outputs), doc.get("id"), "id" in doc, key)

@@ -15,7 +15,7 @@ from ..safe_text import safe
 from ..status import ErrorCode
 from ..tensors import TensorSpec
 from . import codec, offload, tfs_wire
-from .dataplane import DataPlane, Tensor
+from .dataplane import DataPlane, Tensor, Version
 from .generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from .generated.tensorflow.core.protobuf import meta_graph_pb2
 from .generated.tensorflow_serving.apis import (
@@ -29,6 +29,7 @@ from .generated.tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from .grpc_errors import Replacing, guarded
+from .routing_wire import metadata_key
 from .tensor import make_tensor
 
 SIGNATURE = "serving_default"
@@ -48,8 +49,11 @@ _VALUES = {
 }  # fmt: skip
 
 
-def _version(spec: Any) -> int | None:
-    return spec.version.value if spec.HasField("version") and spec.version.value != 0 else None
+def _version(spec: Any) -> Version:
+    """ModelSpec's version number, or its version_label (None: the default version, or drawn by traffic)."""
+    if spec.HasField("version"):
+        return spec.version.value or None
+    return spec.version_label or None
 
 
 def datatype_of(dtype: int, name: str) -> str:
@@ -112,8 +116,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise ServingError(Code.MODEL_SPEC_MISSING)
         spec = request.model_spec
         inputs = await offload.decode(sized.size, _decode_all, sized.inputs)
+        version = _version(spec)
+        key = metadata_key(context) if not version and self.plane.routed(spec.name) else None
         version, outputs = await self.plane.infer(
-            spec.name, _version(spec), inputs, list(request.output_filter), api="tfs"
+            spec.name, version, inputs, list(request.output_filter), api="tfs", route_key=key
         )
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
@@ -156,9 +162,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self, request: get_model_status_pb2.GetModelStatusRequest, context: Any
     ) -> get_model_status_pb2.GetModelStatusResponse:
         spec = request.model_spec
-        version = spec.version.value if spec.HasField("version") else None
         response = get_model_status_pb2.GetModelStatusResponse()
-        for status in self.plane.version_status(spec.name, version or None):
+        for status in self.plane.version_status(spec.name, _version(spec)):
             entry = response.model_version_status.add(version=status.version, state=int(status.state))
             entry.status.error_code = int(status.error_code)
             entry.status.error_message = status.error_message

@@ -17,6 +17,8 @@
  *                  oversize       return HS_MODEL_TYPE_IR with a model size of 5 GiB (the real buffer is small)
  *                  bad_status     return 42 with both buffers filled
  *   "delay_ms"     sleep this long in hs_loader_load_model
+ *   "hold_file"    an absolute path: hs_loader_load_model waits while this file exists (a test deletes it to let
+ *                  the load go on; for tests that run a server process, where the in-process gate cannot reach)
  *
  * Exported for in-process tests: int64_t hs_test_counter(const char *name) for "init", "load_model",
  * "release", "blacklist_status", "unload_model", "retire_model", "deinit" (calls) and "live_buffers" (buffers
@@ -240,6 +242,12 @@ static int load(loader *L, const char *name, const char *base, int64_t version, 
         long ms = strtol(delay, NULL, 10);
         struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
         nanosleep(&ts, NULL);
+    }
+    const char *hold = hs_kvs_get(opts, "hold_file");
+    if (hold != NULL) {
+        struct timespec tick = {0, 2000000L};
+        while (access(hold, F_OK) == 0)
+            nanosleep(&tick, NULL);
     }
     const char *enable = hs_kvs_get(opts, "enable_file");
     if (enable != NULL) {

@@ -1,0 +1,49 @@
+"""How requests carry a routing key, and how status text shows version labels (no status message has a field)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from ..errors import Code, ServingError
+
+ROUTE_KEY_METADATA = "hotserve-route-key"  # gRPC metadata, on KServe and TF Serving requests alike
+ROUTE_KEY_PARAMETER = "route_key"  # a KServe request parameter (gRPC `parameters`, REST JSON `parameters`)
+KEY_KINDS = frozenset({"string_param", "int64_param", "uint64_param"})
+LABELS_NOTE = "; labels: "
+PENDING = " (pending)"
+
+
+class _Context(Protocol):
+    def invocation_metadata(self) -> Any: ...
+
+
+def metadata_key(context: _Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTE_KEY_METADATA:
+            return value if isinstance(value, str) and value else None
+    return None
+
+
+def route_key(parameters: Mapping[str, Any], context: _Context) -> str | None:
+    """The request's routing key: the KServe `route_key` parameter, else the `hotserve-route-key` metadata."""
+    if ROUTE_KEY_PARAMETER in parameters:
+        param = parameters[ROUTE_KEY_PARAMETER]
+        which = param.WhichOneof("parameter_choice")
+        if which not in KEY_KINDS:
+            raise ServingError(Code.INVALID_ARGUMENT, "parameter route_key must be a string or an integer")
+        value = getattr(param, which)
+        return str(value) if value != "" else None
+    return metadata_key(context)
+
+
+def labels_note(labels: tuple[str, ...], pending: tuple[str, ...]) -> str:
+    """Appended to a version's status reason: "; labels: stable, canary (pending)"; "" without labels."""
+    names = [*labels, *(label + PENDING for label in pending)]
+    return LABELS_NOTE + ", ".join(names) if names else ""
+
+
+def split_labels(reason: str) -> tuple[str, str]:
+    """(reason, labels text) of a reason that labels_note extended."""
+    head, found, tail = reason.rpartition(LABELS_NOTE)
+    return (head, tail) if found else (reason, "")
