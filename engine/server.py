@@ -30,6 +30,7 @@ from .status import ReloadResult
 from .supervise import Supervisor
 from .tls import Certificates, TlsError, TlsFiles
 from .watcher import Watcher
+from .worker_link import WorkerLink
 
 log = logging.getLogger("hotserve.server")
 
@@ -105,14 +106,15 @@ class _FileSource:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, link: WorkerLink | None = None) -> None:
         self.settings = settings
+        self.link = link  # one worker of `--grpc_workers N`: reloads go to the whole fleet, metrics are shared
         self.certificates = Certificates(settings.tls) if settings.tls is not None else None  # TlsError: no start
         self.source = config_source(settings)
         cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
         self.registry = Registry()
         self.reconciler = Reconciler(self.source, self.registry, Runtime(cache))
-        self.metrics = Metrics(self.registry, self.reconciler, cache)
+        self.metrics = Metrics(self.registry, self.reconciler, cache, multiprocess=link is not None)
         self.plane = DataPlane(
             self.registry,
             self._reload,
@@ -137,6 +139,11 @@ class Server:
         self._ready_at_signal = False
 
     async def _reload(self) -> ReloadResult:
+        if self.link is not None:
+            return await self.link.fleet_reload()  # answered once every worker has reloaded
+        return await self._reload_here()
+
+    async def _reload_here(self) -> ReloadResult:
         return await self.reconciler.trigger(force=True)
 
     def _base_paths(self) -> set[Path]:
@@ -148,7 +155,8 @@ class Server:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.max_receive_message_length", max_request),  # RESOURCE_EXHAUSTED before any decoding
-                ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
+                # a busy port must fail, not be shared silently; workers share theirs (engine/ports.py guards it)
+                ("grpc.so_reuseport", int(self.link is not None)),
             ]
         )
         services = [kserve.register(self.grpc, self.plane), *tfs.register(self.grpc, self.plane)]
@@ -177,6 +185,7 @@ class Server:
                     max_request,
                     self.certificates.ssl_context() if self.certificates is not None else None,
                     SHUTDOWN_GRACE_SECONDS,
+                    reuse_port=self.link is not None,
                 )
             except OSError as exc:
                 raise SystemExit(
@@ -192,17 +201,27 @@ class Server:
         )
         await self.health.sync()
         self.supervisor.keep("health sync", self.health.run)
+        if self.link is not None:
+            self.supervisor.keep("metrics sync", self.metrics.run)
+            self.link.ready()
         self.watcher.start(self.supervisor)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # a worker ignores SIGINT: Ctrl-C reaches the whole process group and the supervisor sends SIGTERM
+        for sig in (signal.SIGTERM,) if self.link is not None else (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        await self.start()
-        await self._stop.wait()
-        await self.drain()
-        await self.stop()
+        if self.link is not None:
+            self.link.start(self._reload_here, lambda: self._on_term(signal.SIGTERM))
+        try:
+            await self.start()
+            await self._stop.wait()
+            await self.drain()
+            await self.stop()
+        finally:
+            if self.link is not None:
+                self.link.close()
         return 0
 
     def _on_term(self, sig: signal.Signals) -> None:
@@ -278,7 +297,8 @@ def validate_startup(settings: Settings) -> list[str]:
     return []
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, link: WorkerLink | None = None) -> int:
+    """Serve in this process, or (`--grpc_workers` > 1, not a worker) supervise that many worker processes."""
     setup_logging(settings.log_level)
     errors = validate_startup(settings)
     if errors:
@@ -286,8 +306,12 @@ def serve(settings: Settings) -> int:
             log.error("%s", error)
         log.error("Configuration is invalid; not starting (%d error(s))", len(errors))
         return 1
+    if settings.grpc_workers > 1 and link is None:
+        from . import workers
+
+        return workers.run(settings)
     try:
-        return asyncio.run(Server(settings).run())
+        return asyncio.run(Server(settings, link).run())
     except TlsError as exc:
         log.error("Cannot start with TLS: %s", exc)
         return 1

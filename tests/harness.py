@@ -38,6 +38,7 @@ class ServerProcess:
             env={**os.environ, **(env or {})},
         )
         self.port = 0
+        self.workers = int(args[args.index("--grpc_workers") + 1]) if "--grpc_workers" in args else 1
 
     @property
     def address(self) -> str:
@@ -64,7 +65,7 @@ class ServerProcess:
     def wait_ready(self) -> ServerProcess:
         try:
             self.port = int(self.wait_for(r"Started gRPC server on port (\d+)", STARTUP_TIMEOUT).group(1))
-            self.wait_for(r"Server ready", STARTUP_TIMEOUT)
+            self.wait_for(r"Server ready" if self.workers == 1 else r"All \d+ workers ready", STARTUP_TIMEOUT)
         except BaseException:
             self.stop(timeout=5)  # never leave a server behind
             raise
