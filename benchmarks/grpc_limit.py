@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -78,8 +79,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def h2load(exe: str, port: int, frame: Path, concurrency: int, seconds: float) -> dict[str, float]:
-    cmd = [exe, "-c", "1", "-m", str(concurrency), "-D", f"{int(seconds * 1000)}ms", "-d", str(frame),
+def h2load(exe: str, port: int, frame: Path, concurrency: int, seconds: float, connections: int = 1) -> dict[str, Any]:
+    """`concurrency` streams over `connections` connections (SO_REUSEPORT balances connections, not streams)."""
+    streams = max(1, concurrency // connections)
+    cmd = [exe, "-c", str(connections), "-m", str(streams), "-D", f"{int(seconds * 1000)}ms", "-d", str(frame),
            "-H", "content-type: application/grpc", "-H", "te: trailers",
            f"http://127.0.0.1:{port}{METHOD}"]  # fmt: skip
     before = os.times()

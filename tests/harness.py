@@ -48,15 +48,16 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
-        """Wait until the log (from offset `start`) matches `pattern`."""
+    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0, exited: bool = False) -> re.Match[str]:
+        """Wait until the log (from offset `start`) matches `pattern`; `exited`: the process itself may be gone
+        (its workers still write the log)."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.log[start:]
             found = re.search(pattern, text)
             if found:
                 return found
-            if self.proc.poll() is not None:
+            if not exited and self.proc.poll() is not None:
                 raise AssertionError(f"server exited ({self.proc.returncode}) before {pattern!r}:\n{self.log[-4000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.log[-4000:]}")

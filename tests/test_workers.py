@@ -109,9 +109,11 @@ def fleet(tmp_path: Path, serve):  # type: ignore[no-untyped-def]
 
 
 def test_two_workers_share_both_ports_and_sum_their_metrics(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server, rest_port, config = fleet()
+    server, rest_port, config = fleet("--cache_dir", str(tmp_path / "cache"))
     pids = worker_pids(server)
     assert len(set(pids)) == 2 and server.proc.pid not in pids
+    loaded = r"Loaded model m; version: 1; .*; loaded from cache: {}"
+    assert logged_by(server, pids[0], loaded.format("False")) and logged_by(server, pids[1], loaded.format("True"))
     rounds = 40  # each a new connection on each port: all 80 on one worker is a 2^-79 chance
     for _ in range(rounds):
         status, body = rest_infer(rest_port)
@@ -141,23 +143,23 @@ def test_two_workers_share_both_ports_and_sum_their_metrics(fleet, tmp_path: Pat
     for _ in range(4):
         assert rest_infer(rest_port, "m2")[1]["outputs"][0]["data"] == (X + 2).ravel().tolist()
 
-    # only this fleet shares its ports: another hotserve, one worker or two, is refused with a clear error
-    for workers in ("1", "2"):
+    # only this fleet shares its ports: another hotserve (one worker on the gRPC port, two on the REST port) is refused
+    for workers, port, error in [("1", ["--port", str(server.port)],
+                                  f"Cannot start gRPC server on 127.0.0.1:{server.port}: port is busy"),
+                                 ("2", ["--port", "0", "--rest_port", str(rest_port)],
+                                  f"Cannot start REST server on port {rest_port}: port is busy")]:  # fmt: skip
         other = subprocess.run(
             [sys.executable, "-m", "engine", "serve", "--config_path", str(config), "--grpc_bind_address",
-             "127.0.0.1", "--port", str(server.port), "--grpc_workers", workers],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
+             "127.0.0.1", *port, "--grpc_workers", workers], cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        assert other.returncode == 1, other.stderr
-        assert f"Cannot start gRPC server on 127.0.0.1:{server.port}: port is busy" in other.stderr, other.stderr
-        other = subprocess.run(
-            [sys.executable, "-m", "engine", "serve", "--config_path", str(config), "--grpc_bind_address",
-             "127.0.0.1", "--port", "0", "--rest_port", str(rest_port), "--grpc_workers", workers],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert other.returncode == 1, other.stderr
-        assert f"Cannot start REST server on port {rest_port}" in other.stderr, other.stderr
+        assert other.returncode == 1 and error in other.stderr, other.stderr
     assert rest_infer(rest_port)[0] == 200
+
+    # the supervisor killed outright: its workers see their pipe close and stop on their own
+    server.proc.kill()
+    for pid in pids:
+        server.wait_for(rf"\[{pid}\]\[hotserve.worker\]\[WARNING\] The worker supervisor is gone", exited=True)
+        server.wait_for(rf"\[{pid}\]\[hotserve.server\]\[INFO\] Shutdown complete", exited=True)
 
 
 def test_reload_answers_once_every_worker_reloaded_and_a_killed_worker_comes_back(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -177,16 +179,23 @@ def test_reload_answers_once_every_worker_reloaded_and_a_killed_worker_comes_bac
     assert body["_last_reload"] == {"ok": True, "changed": True, "config_valid": True, "errors": []}
     assert body["m2"]["model_version_status"][0]["state"] == "AVAILABLE"
 
+    # SIGHUP to the supervisor reloads every worker
+    config.write_text(json.dumps({"model_config_list": [model_entry("m", tmp_path / "m")]}))
+    server.signal(signal.SIGHUP)
+    removed = 'STATUS CHANGE: Version 1 of model m2 .*"END"'
+    until("m2 retired on both workers", lambda: all(logged_by(server, pid, removed) for pid in pids), server)
+
     # SIGKILL one worker: the supervisor logs it, starts another, and the fleet keeps serving meanwhile
     for _ in range(6):
         assert rest_infer(rest_port)[0] == 200
     mark = len(server.log)
     os.kill(pids[1], signal.SIGKILL)
     server.wait_for(rf"Worker 2 \(pid {pids[1]}\) exited \(signal SIGKILL\); restarting it in 0.5 s", start=mark)
-    assert rest_infer(rest_port, "m2")[0] == 200  # the survivor serves while worker 2 is away
+    assert rest_infer(rest_port)[0] == 200  # the survivor serves while worker 2 is away
     new_pid = int(server.wait_for(r"Worker 2 ready \(pid (\d+)\)", start=mark).group(1))
     assert new_pid not in pids
-    until("the new worker serves", lambda: logged_by(server, new_pid, available), server)
+    assert logged_by(server, new_pid, 'STATUS CHANGE: Version 1 of model m .*"AVAILABLE"')
+    assert not logged_by(server, new_pid, available)  # it started from the current file: no m2
     metrics = until("the new worker's state published",
                     lambda: scrape_when(rest_port, lambda m: new_pid in per_worker(m)), server)  # fmt: skip
     assert set(per_worker(metrics)) == {pids[0], new_pid}  # the dead worker's live gauges went with it...

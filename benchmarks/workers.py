@@ -1,0 +1,123 @@
+"""`--grpc_workers 1` vs `--grpc_workers 2` on the tiny model, driven by h2load, side by side in one run.
+
+SO_REUSEPORT balances connections, not streams: h2load opens C connections with one stream each. Both servers run
+at once and are measured in turn (best of --rounds per cell). Reports req/s, mean latency, the ratio 2 workers / 1,
+the CPU of the server (the supervisor and every worker, from /proc) and of h2load, and memory: RSS and PSS (a shared
+page counted once, split among the processes that map it) of each server's processes after the run.
+Writes benchmarks/results/workers.json.
+
+    .venv/bin/python benchmarks/workers.py [--seconds 4] [--rounds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import modelgen
+from grpc_limit import RESULTS, check, cpu_seconds, ensure_h2load, h2load, request_bytes
+from harness import ServerProcess
+
+
+def processes(server: ServerProcess) -> list[int]:
+    found = re.findall(r"All \d+ workers ready \(pids ([\d, ]+)\)", server.log)
+    return [server.proc.pid] + ([int(p) for p in found[-1].split(", ")] if found else [])
+
+
+def memory_mib(pids: list[int]) -> dict[str, float]:
+    rss = pss = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Pss"):
+                kib = int(value.split()[0])
+                rss, pss = (rss + kib, pss) if key == "Rss" else (rss, pss + kib)
+    return {"rss_mib": rss / 1024, "pss_mib": pss / 1024}
+
+
+def measure(exe: str, server: ServerProcess, frame: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    pids = processes(server)
+    h2load(exe, server.port, frame, concurrency, 0.5, connections=concurrency)  # warm-up, not measured
+    start_cpu, start = sum(cpu_seconds(p) for p in pids), time.perf_counter()
+    result = h2load(exe, server.port, frame, concurrency, seconds, connections=concurrency)
+    cpu, wall = sum(cpu_seconds(p) for p in pids) - start_cpu, time.perf_counter() - start
+    result["server_cpu_pct"] = 100 * cpu / wall
+    result["server_cpu_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)
+    result["client_cpu_pct"] = 100 * result.pop("client_cpu_s") / wall
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per cell, best kept (the machine may be shared)")
+    parser.add_argument("--quick", action="store_true", help="c=16 only, 2 s each")
+    args = parser.parse_args()
+    seconds = 2.0 if args.quick else args.seconds
+    levels = [16] if args.quick else [4, 16, 64]
+    exe = ensure_h2load()
+    rows, memory = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        modelgen.add_const(root / "tiny" / "1")
+        config = root / "models.json"
+        config.write_text(
+            json.dumps({"model_config_list": [{"config": {"name": "tiny", "base_path": str(root / "tiny")}}]})
+        )
+        body = request_bytes("tiny", "b", np.zeros((1, 10), np.float32))
+        frame = root / "tiny.grpc"
+        frame.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)
+        common = ["--config_path", str(config), "--port", "0", "--cache_dir", str(root / "cache")]
+        servers = {n: ServerProcess([*common, "--grpc_workers", str(n)], root / f"log{n}") for n in (1, 2)}
+        try:
+            for server in servers.values():
+                server.wait_ready()
+                check(server.address, body)
+            for c in levels:
+                runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+                for _ in range(args.rounds):  # in turn, so both see the same interference from the machine
+                    for n, server in servers.items():
+                        runs[n].append(measure(exe, server, frame, c, seconds))
+                best = {n: max(r, key=lambda x: x["throughput"]) for n, r in runs.items()}
+                rows.append({"concurrency": c, "one": best[1], "two": best[2],
+                             "ratio": best[2]["throughput"] / best[1]["throughput"],
+                             "all_one": [r["throughput"] for r in runs[1]],
+                             "all_two": [r["throughput"] for r in runs[2]]})  # fmt: skip
+            memory = {n: {"processes": len(processes(s)), **memory_mib(processes(s))} for n, s in servers.items()}
+        finally:
+            for server in servers.values():
+                server.stop()
+    print(f"h2load, C connections × 1 stream, tiny model; best of {args.rounds} runs of {seconds:g} s, servers in "
+          "turn; CPU: 100% = one core (server = supervisor + workers)")  # fmt: skip
+    print(f"{'C':>3} | {'1 worker req/s':>14} {'mean':>8} {'srv cpu':>7} {'cli cpu':>7} | "
+          f"{'2 workers req/s':>15} {'mean':>8} {'srv cpu':>7} {'cli cpu':>7} | {'ratio':>5}")  # fmt: skip
+    for r in rows:
+        o, t = r["one"], r["two"]
+        print(f"{r['concurrency']:>3} | {o['throughput']:>14.0f} {o['mean_ms']:>6.2f}ms {o['server_cpu_pct']:>6.0f}% "
+              f"{o['client_cpu_pct']:>6.0f}% | {t['throughput']:>15.0f} {t['mean_ms']:>6.2f}ms "
+              f"{t['server_cpu_pct']:>6.0f}% {t['client_cpu_pct']:>6.0f}% | {r['ratio']:>5.2f}")  # fmt: skip
+    for n, m in memory.items():
+        print(
+            f"memory, --grpc_workers {n}: {m['processes']} process(es), RSS {m['rss_mib']:.0f} MiB, "
+            f"PSS {m['pss_mib']:.0f} MiB"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "workers.json"
+    out.write_text(json.dumps({"seconds": seconds, "rounds": args.rounds, "rows": rows, "memory": memory}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
