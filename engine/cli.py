@@ -47,8 +47,7 @@ def _serve_parser() -> Parser:
 
 def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
     from . import cache, config
-    from .server import Settings
-    from .tls import TlsFiles
+    from .settings import Settings
 
     args = _serve_parser().parse_args(argv)
     given = {n: getattr(args, n) for n in MODEL_PARAMS if getattr(args, n) is not None}
@@ -78,6 +77,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError("--tls_client_ca needs --tls_cert and --tls_key (mTLS is TLS with client certificates)")
     tls = None
     if args.tls_cert is not None:
+        from .tls import TlsFiles
+
         tls = TlsFiles(args.tls_cert.absolute(), args.tls_key.absolute(),
                        args.tls_client_ca.absolute() if args.tls_client_ca else None)  # fmt: skip
     limit = None
@@ -159,9 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command not in COMMANDS:
             raise UsageError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
         if command == "serve":
+            settings = _settings(argv)
+            if settings.grpc_workers > 1:
+                from .workers import run  # the supervisor: nothing of gRPC or OpenVINO in this process
+
+                return run(settings)
             from .server import serve
 
-            return serve(_settings(argv))
+            return serve(settings)
         if command == "validate":
             return _validate(argv)
         if command == "status":

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
-import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
 from aiohttp import web
 
 from . import cache as cache_rules
-from . import config as config_mod
-from .config import Config, ConfigInvalid
 from .frontend import kserve, offload, rest, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
@@ -25,10 +20,10 @@ from .metrics import Metrics
 from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
-from .schema import read_regular
+from .settings import Settings, config_source, startup_checked
 from .status import ReloadResult
 from .supervise import Supervisor
-from .tls import Certificates, TlsError, TlsFiles
+from .tls import Certificates, TlsError
 from .watcher import Watcher
 from .worker_link import WorkerLink
 
@@ -36,73 +31,6 @@ log = logging.getLogger("hotserve.server")
 
 MAX_MESSAGE = 1 << 30  # 1 GiB, as OVMS
 SHUTDOWN_GRACE_SECONDS = 30.0
-DRAIN_SECONDS = 5.0  # Kubernetes removes a terminating pod's endpoints asynchronously: keep serving meanwhile
-TRACE = 5
-LOG_LEVELS = {"TRACE": TRACE, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
-              "ERROR": logging.ERROR}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Settings:
-    config_path: Path | None = None
-    model_name: str | None = None
-    model_path: Path | None = None
-    model_overrides: dict[str, object] = field(default_factory=dict)
-    port: int = 9000
-    grpc_bind_address: str = "0.0.0.0"
-    rest_port: int = 0
-    rest_bind_address: str = "0.0.0.0"
-    cache_dir: Path | None = None
-    cache_size_limit: int | None = None
-    file_system_poll_wait_seconds: float = 1.0
-    watch_mode: str = "auto"
-    grpc_workers: int = 1
-    log_level: str = "INFO"
-    drain_seconds: float = DRAIN_SECONDS
-    max_request_mb: int = 256
-    tls: TlsFiles | None = None
-
-
-def setup_logging(level: str) -> None:
-    logging.addLevelName(TRACE, "TRACE")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "[%(asctime)s.%(msecs)03d][%(process)d][%(name)s][%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(LOG_LEVELS[level])
-    for noisy in ("watchfiles", "aiohttp.access", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, LOG_LEVELS[level]))
-
-
-def config_source(settings: Settings) -> Callable[[], Config]:
-    if settings.config_path is not None:
-        return _FileSource(settings.config_path)
-    assert settings.model_name is not None and settings.model_path is not None
-    single = config_mod.single_model(settings.model_name, settings.model_path, **settings.model_overrides)
-    return lambda: single
-
-
-class _FileSource:
-    """Reads models.json; identical bytes give back the same Config, so a re-save changes nothing."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._last: Config | None = None
-
-    def __call__(self) -> Config:
-        if self._last is not None:
-            try:
-                unchanged = hashlib.sha256(read_regular(self.path)).hexdigest() == self._last.digest
-            except OSError:
-                unchanged = False
-            if unchanged:
-                return self._last
-        self._last = config_mod.load(self.path)
-        return self._last
 
 
 class Server:
@@ -283,33 +211,10 @@ class Server:
             log.exception("Shutdown: %s failed", what)
 
 
-def validate_startup(settings: Settings) -> list[str]:
-    """Only a file that cannot be applied at all (unreadable, not JSON, schema) stops the start-up.
-
-    An entry with a semantic error starts as on a live reload: that model is listed with its error, the rest serve.
-    """
-    try:
-        config_source(settings)()
-    except ConfigInvalid as exc:
-        return [str(e) for e in exc.errors]
-    except ValueError as exc:
-        return [str(exc)]
-    return []
-
-
 def serve(settings: Settings, link: WorkerLink | None = None) -> int:
-    """Serve in this process, or (`--grpc_workers` > 1, not a worker) supervise that many worker processes."""
-    setup_logging(settings.log_level)
-    errors = validate_startup(settings)
-    if errors:
-        for error in errors:
-            log.error("%s", error)
-        log.error("Configuration is invalid; not starting (%d error(s))", len(errors))
+    """Serve in this process: the single-process server, or one worker of `--grpc_workers N` (with its link)."""
+    if not startup_checked(settings):
         return 1
-    if settings.grpc_workers > 1 and link is None:
-        from . import workers
-
-        return workers.run(settings)
     try:
         return asyncio.run(Server(settings, link).run())
     except TlsError as exc:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .status import ReloadResult
 
 if TYPE_CHECKING:
-    from .server import Settings
+    from .settings import Settings
 
 log = logging.getLogger("hotserve.worker")
 

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import ports
+from .settings import startup_checked
 from .status import ReloadResult
 from .worker_link import FleetReload, FleetReloaded, Ready, Reload, Reloaded, worker_main
 
 if TYPE_CHECKING:
-    from .server import Settings
+    from .settings import Settings
 
 log = logging.getLogger("hotserve.supervisor")
 
@@ -309,4 +310,7 @@ class Supervisor:
 
 
 def run(settings: Settings) -> int:
+    """`hotserve serve --grpc_workers N` (N > 1): the same start-up check as one process, then the workers."""
+    if not startup_checked(settings):
+        return 1
     return Supervisor(settings).run()
