@@ -91,6 +91,26 @@ class Server:
         services.append(self.health.register(self.grpc))
         enable_reflection(self.grpc, services)
         await self.health.start()  # "" NOT_SERVING before the first RPC can ask
+        if self.link is None:
+            await self._listen(max_request)
+        result = await self.reconciler.trigger()
+        if self.link is not None:  # a worker joins the shared ports once it can serve: the kernel routes to it at once
+            await self._listen(max_request)
+        self.plane.ready = True
+        log.info(
+            "Server ready: %d model(s); initial load %s",
+            len(self.registry.models),
+            "OK" if result.ok else f"with {len(result.errors)} error(s)",
+        )
+        await self.health.sync()
+        self.supervisor.keep("health sync", self.health.run)
+        if self.link is not None:
+            self.supervisor.keep("metrics sync", self.metrics.run)
+            self.link.ready()
+        self.watcher.start(self.supervisor)
+
+    async def _listen(self, max_request: int) -> None:
+        assert self.grpc is not None
         address = f"{self.settings.grpc_bind_address}:{self.settings.port}"
         try:
             if self.certificates is not None:
@@ -120,19 +140,6 @@ class Server:
                     f"Cannot start REST server on port {self.settings.rest_port}: {exc.strerror}"
                 ) from None
             log.info("Started REST server on port %d", rest.bound_port(self.rest))
-        result = await self.reconciler.trigger()
-        self.plane.ready = True
-        log.info(
-            "Server ready: %d model(s); initial load %s",
-            len(self.registry.models),
-            "OK" if result.ok else f"with {len(result.errors)} error(s)",
-        )
-        await self.health.sync()
-        self.supervisor.keep("health sync", self.health.run)
-        if self.link is not None:
-            self.supervisor.keep("metrics sync", self.metrics.run)
-            self.link.ready()
-        self.watcher.start(self.supervisor)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -194,8 +194,11 @@ def test_reload_answers_once_every_worker_reloaded_and_a_killed_worker_comes_bac
     assert rest_infer(rest_port)[0] == 200  # the survivor serves while worker 2 is away
     new_pid = int(server.wait_for(r"Worker 2 ready \(pid (\d+)\)", start=mark).group(1))
     assert new_pid not in pids
-    assert logged_by(server, new_pid, 'STATUS CHANGE: Version 1 of model m .*"AVAILABLE"')
     assert not logged_by(server, new_pid, available)  # it started from the current file: no m2
+    own = [line for line in server.log[mark:].splitlines() if f"[{new_pid}]" in line]
+    loaded = next(i for i, line in enumerate(own) if re.search(r'model m status change.*"AVAILABLE"', line))
+    listening = next(i for i, line in enumerate(own) if "Started gRPC server" in line)
+    assert loaded < listening  # it joined the shared ports only once it could serve: no "model not found" meanwhile
     metrics = until("the new worker's state published",
                     lambda: scrape_when(rest_port, lambda m: new_pid in per_worker(m)), server)  # fmt: skip
     assert set(per_worker(metrics)) == {pids[0], new_pid}  # the dead worker's live gauges went with it...
