@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -32,8 +32,13 @@ from harness import ServerProcess
 
 
 def processes(server: ServerProcess) -> list[int]:
-    found = re.findall(r"All \d+ workers ready \(pids ([\d, ]+)\)", server.log)
-    return [server.proc.pid] + ([int(p) for p in found[-1].split(", ")] if found else [])
+    """The server's process and all its descendants (workers, and multiprocessing's resource tracker)."""
+    pids, i = [server.proc.pid], 0
+    while i < len(pids):
+        children = Path(f"/proc/{pids[i]}/task/{pids[i]}/children")
+        pids += [int(p) for p in children.read_text().split()] if children.exists() else []
+        i += 1
+    return pids
 
 
 def memory_mib(pids: list[int]) -> dict[str, float]:
@@ -64,13 +69,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3, help="runs per cell, best kept (the machine may be shared)")
     parser.add_argument("--quick", action="store_true", help="c=16 only, 2 s each")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' logs (printed: the working dir)")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else args.seconds
     levels = [16] if args.quick else [4, 16, 64]
     exe = ensure_h2load()
     rows, memory = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    root = Path(tempfile.mkdtemp(prefix="hotserve-workers-"))
+    print(f"working in {root}", flush=True)
+    try:
         modelgen.add_const(root / "tiny" / "1")
         config = root / "models.json"
         config.write_text(
@@ -90,15 +97,19 @@ def main() -> None:
                 for _ in range(args.rounds):  # in turn, so both see the same interference from the machine
                     for n, server in servers.items():
                         runs[n].append(measure(exe, server, frame, c, seconds))
+                        print(f"  C={c} workers={n}: {runs[n][-1]['throughput']:.0f} req/s", flush=True)
                 best = {n: max(r, key=lambda x: x["throughput"]) for n, r in runs.items()}
                 rows.append({"concurrency": c, "one": best[1], "two": best[2],
-                             "ratio": best[2]["throughput"] / best[1]["throughput"],
+                             "ratio": best[2]["throughput"] / max(best[1]["throughput"], 1e-9),
                              "all_one": [r["throughput"] for r in runs[1]],
                              "all_two": [r["throughput"] for r in runs[2]]})  # fmt: skip
             memory = {n: {"processes": len(processes(s)), **memory_mib(processes(s))} for n, s in servers.items()}
         finally:
             for server in servers.values():
                 server.stop()
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
     print(f"h2load, C connections × 1 stream, tiny model; best of {args.rounds} runs of {seconds:g} s, servers in "
           "turn; CPU: 100% = one core (server = supervisor + workers)")  # fmt: skip
     print(f"{'C':>3} | {'1 worker req/s':>14} {'mean':>8} {'srv cpu':>7} {'cli cpu':>7} | "
