@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import struct
 import sys
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs per cell, best kept (the machine may be shared)")
     args = parser.parse_args()
     exe = ensure_h2load()
+    load_before = os.getloadavg()[0]  # other jobs on the machine: the figures are only as clean as this
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -71,6 +73,8 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
+    load = [load_before, os.getloadavg()[0]]
+    print(f"load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f}")
     print(f"conv 1×3×224×224, h2load one connection × C streams, best of {args.rounds} runs of {args.seconds:g} s")
     print(f"{'setting':22} {'nireq':>5} {'C':>3} | {'req/s':>7} {'mean':>8} {'server cpu':>10}")
     for r in rows:
@@ -78,7 +82,7 @@ def main() -> None:
               f"{r['mean_ms']:>6.2f}ms {r['server_cpu_pct']:>9.0f}%")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "conv_hint.json"
-    out.write_text(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "load": load, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import struct
 import sys
@@ -74,6 +75,7 @@ def main() -> None:
     seconds = 2.0 if args.quick else args.seconds
     levels = [16] if args.quick else [4, 16, 64]
     exe = ensure_h2load()
+    load_before = os.getloadavg()[0]  # other jobs on the machine: the figures are only as clean as this
     rows, memory = [], {}
     root = Path(tempfile.mkdtemp(prefix="hotserve-workers-"))
     print(f"working in {root}", flush=True)
@@ -110,6 +112,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    load = [load_before, os.getloadavg()[0]]
+    print(f"load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f}")
     print(f"h2load, C connections × 1 stream, tiny model; best of {args.rounds} runs of {seconds:g} s, servers in "
           "turn; CPU: 100% = one core (server = supervisor + workers)")  # fmt: skip
     print(f"{'C':>3} | {'1 worker req/s':>14} {'mean':>8} {'srv cpu':>7} {'cli cpu':>7} | "
@@ -126,7 +130,8 @@ def main() -> None:
         )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "workers.json"
-    out.write_text(json.dumps({"seconds": seconds, "rounds": args.rounds, "rows": rows, "memory": memory}, indent=2))
+    summary = {"seconds": seconds, "rounds": args.rounds, "load": load, "rows": rows, "memory": memory}
+    out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 
 
