@@ -116,13 +116,14 @@ def main() -> None:
     print(f"load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f}")
     print(f"h2load, C connections × 1 stream, tiny model; best of {args.rounds} runs of {seconds:g} s, servers in "
           "turn; CPU: 100% = one core (server = supervisor + workers)")  # fmt: skip
-    print(f"{'C':>3} | {'1 worker req/s':>14} {'mean':>8} {'srv cpu':>7} {'cli cpu':>7} | "
-          f"{'2 workers req/s':>15} {'mean':>8} {'srv cpu':>7} {'cli cpu':>7} | {'ratio':>5}")  # fmt: skip
+    side = f"{'mean':>8} {'srv cpu':>7} {'µs/req':>6} {'cli cpu':>7}"
+    print(f"{'C':>3} | {'1 worker req/s':>14} {side} | {'2 workers req/s':>15} {side} | {'ratio':>5}")
     for r in rows:
         o, t = r["one"], r["two"]
         print(f"{r['concurrency']:>3} | {o['throughput']:>14.0f} {o['mean_ms']:>6.2f}ms {o['server_cpu_pct']:>6.0f}% "
-              f"{o['client_cpu_pct']:>6.0f}% | {t['throughput']:>15.0f} {t['mean_ms']:>6.2f}ms "
-              f"{t['server_cpu_pct']:>6.0f}% {t['client_cpu_pct']:>6.0f}% | {r['ratio']:>5.2f}")  # fmt: skip
+              f"{o['server_cpu_us_per_req']:>6.0f} {o['client_cpu_pct']:>6.0f}% | {t['throughput']:>15.0f} "
+              f"{t['mean_ms']:>6.2f}ms {t['server_cpu_pct']:>6.0f}% {t['server_cpu_us_per_req']:>6.0f} "
+              f"{t['client_cpu_pct']:>6.0f}% | {r['ratio']:>5.2f}")  # fmt: skip
     for n, m in memory.items():
         print(
             f"memory, --grpc_workers {n}: {m['processes']} process(es), RSS {m['rss_mib']:.0f} MiB, "
