@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -75,6 +76,17 @@ class ServerProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
+    def _kill_orphans(self) -> None:
+        """Workers left behind by a supervisor that was killed: only processes with this run's metrics dir."""
+        found = re.search(r"metrics dir (\S+)", self.log)
+        if found is None:
+            return
+        mark = f"PROMETHEUS_MULTIPROC_DIR={found.group(1)}".encode()
+        for pid in map(int, re.findall(r"Worker \d+ started \(pid (\d+)\)", self.log)):
+            with contextlib.suppress(OSError):  # gone already (or not ours to read)
+                if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -83,5 +95,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._kill_orphans()
         self._log.close()
         return self.proc.returncode
