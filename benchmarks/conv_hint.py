@@ -76,10 +76,11 @@ def main() -> None:
     load = [load_before, os.getloadavg()[0]]
     print(f"load average (1 min) before / after: {load[0]:.1f} / {load[1]:.1f}")
     print(f"conv 1×3×224×224, h2load one connection × C streams, best of {args.rounds} runs of {args.seconds:g} s")
-    print(f"{'setting':22} {'nireq':>5} {'C':>3} | {'req/s':>7} {'mean':>8} {'server cpu':>10}")
+    print(f"{'setting':22} {'nireq':>5} {'C':>3} | {'req/s':>7} {'mean':>8} {'server cpu':>10} {'cpu ms/req':>10}")
     for r in rows:
+        cpu_ms = r["server_cpu_us_per_req"] / 1000
         print(f"{r['setting']:22} {r['nireq']:>5} {r['concurrency']:>3} | {r['throughput']:>7.0f} "
-              f"{r['mean_ms']:>6.2f}ms {r['server_cpu_pct']:>9.0f}%")  # fmt: skip
+              f"{r['mean_ms']:>6.2f}ms {r['server_cpu_pct']:>9.0f}% {cpu_ms:>10.1f}")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "conv_hint.json"
     out.write_text(json.dumps({"seconds": args.seconds, "rounds": args.rounds, "load": load, "rows": rows}, indent=2))
