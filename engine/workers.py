@@ -87,7 +87,7 @@ def _clean_stale_metrics_dirs() -> None:
     """Metrics dirs of earlier supervisors that died without cleaning up (named after their pid)."""
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
         pid = path.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
-        if not pid.isdigit() or path.owner() != _user():
+        if not pid.isdigit() or path.stat().st_uid != os.getuid():
             continue
         try:
             os.kill(int(pid), 0)
@@ -97,13 +97,7 @@ def _clean_stale_metrics_dirs() -> None:
             pass
 
 
-def _user() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_name
-
-
-class Supervisor:
+class WorkerSupervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.count = settings.grpc_workers
@@ -157,10 +151,10 @@ class Supervisor:
                 del self._restart_at[index]
                 self._start(index, settings)
         timeout = max(0.0, min(self._restart_at.values()) - now) if self._restart_at else None
-        waitables: list[object] = [self._wake_r]
+        waitables: list[Connection | socket.socket | int] = [self._wake_r]
         for worker in self._workers.values():
             waitables += [worker.conn, worker.process.sentinel]
-        for ready in wait(waitables, timeout):  # type: ignore[arg-type]
+        for ready in wait(waitables, timeout):
             if ready is self._wake_r:
                 self._on_signals()
                 continue
@@ -313,4 +307,4 @@ def run(settings: Settings) -> int:
     """`hotserve serve --grpc_workers N` (N > 1): the same start-up check as one process, then the workers."""
     if not startup_checked(settings):
         return 1
-    return Supervisor(settings).run()
+    return WorkerSupervisor(settings).run()
