@@ -3,7 +3,9 @@
 Same venv, same grpc.aio, same server options as engine/server.py; the request is not even parsed (raw bytes in,
 prebuilt bytes out), so what it costs per request is what grpc.aio itself costs.
 
-    .venv/bin/python benchmarks/bare_grpc.py PORT_FILE
+    .venv/bin/python benchmarks/bare_grpc.py PORT_FILE [PORT]
+
+PORT given: bind it (grpc's default SO_REUSEPORT), so several of these share it as hotserve's workers do.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ async def infer(request: bytes, context: Any) -> bytes:
     return REPLIES.get(bytes(request[2 : 2 + name_len]), REPLIES[b"tiny"])
 
 
-async def main(port_file: Path) -> None:
+async def main(port_file: Path, port: int = 0) -> None:
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
     )
@@ -50,11 +52,11 @@ async def main(port_file: Path) -> None:
         "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     port_file.write_text(str(port))
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1])))
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0))
