@@ -46,7 +46,7 @@ def _serve_parser() -> Parser:
 
 
 def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
-    from . import cache, config
+    from . import config
     from .settings import Settings
 
     args = _serve_parser().parse_args(argv)
@@ -83,6 +83,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
                        args.tls_client_ca.absolute() if args.tls_client_ca else None)  # fmt: skip
     limit = None
     if args.cache_size_limit is not None:
+        from . import cache  # imports OpenVINO: only when needed, so a worker supervisor stays small
+
         try:
             limit = cache.parse_size(args.cache_size_limit)
         except ValueError as exc:
