@@ -163,15 +163,13 @@ class _StateCollector(Collector):
             "hotserve_reload_failures", "Reconciles that ended with errors", value=self.reconciler.failed_runs
         )
         if self.cache is not None:
-            size, count = self.cache.stats()
             yield GaugeMetricFamily(
                 "hotserve_cache_hits", "AVAILABLE versions whose compile was imported from the cache", value=hits
             )
             yield GaugeMetricFamily(
                 "hotserve_cache_misses", "AVAILABLE versions compiled afresh with the cache enabled", value=misses
             )
-            yield GaugeMetricFamily("hotserve_cache_bytes", "Bytes of compiled blobs in the cache dir", value=size)
-            yield GaugeMetricFamily("hotserve_cache_blobs", "Compiled blobs in the cache dir", value=count)
+            yield from _CacheDirCollector(self.cache).collect()
 
 
 class _CacheDirCollector(Collector):
