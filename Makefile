@@ -36,6 +36,8 @@ bench: setup
 	$(BIN)/python benchmarks/infer.py
 	$(BIN)/python benchmarks/grpc_limit.py --profile benchmarks/results/grpc_limit_profile.txt
 	$(BIN)/python benchmarks/traffic.py
+	$(BIN)/python benchmarks/workers.py
+	$(BIN)/python benchmarks/conv_hint.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/reload.py
 	$(BIN)/python benchmarks/soak.py

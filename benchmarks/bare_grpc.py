@@ -3,11 +3,15 @@
 Same venv, same grpc.aio, same server options as engine/server.py; the request is not even parsed (raw bytes in,
 prebuilt bytes out), so what it costs per request is what grpc.aio itself costs.
 
-    .venv/bin/python benchmarks/bare_grpc.py PORT_FILE [CERT KEY]   (with CERT and KEY: TLS, as hotserve's --tls_*)
+    .venv/bin/python benchmarks/bare_grpc.py PORT_FILE [--port N] [--tls CERT KEY]
+
+--port: bind it (grpc's default SO_REUSEPORT), so several of these share it as hotserve's workers do.
+--tls: serve TLS with that certificate and key, as hotserve's --tls_cert/--tls_key do.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -42,7 +46,7 @@ async def infer(request: bytes, context: Any) -> bytes:
     return REPLIES.get(bytes(request[2 : 2 + name_len]), REPLIES[b"tiny"])
 
 
-async def main(port_file: Path, tls: list[str]) -> None:
+async def main(port_file: Path, port: int, tls: list[str] | None) -> None:
     server = grpc.aio.server(
         options=[("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
     )
@@ -52,13 +56,18 @@ async def main(port_file: Path, tls: list[str]) -> None:
     server.add_generic_rpc_handlers((handler,))
     if tls:
         cert, key = (Path(p).read_bytes() for p in tls)
-        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+        port = server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([(key, cert)]))
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     port_file.write_text(str(port))
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), sys.argv[2:4]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port_file", type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    args = parser.parse_args()
+    asyncio.run(main(args.port_file, args.port, args.tls))

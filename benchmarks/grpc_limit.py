@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -79,10 +80,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def h2load(
-    exe: str, port: int, frame: Path, concurrency: int, seconds: float, headers: tuple[str, ...] = ()
-) -> dict[str, float]:
+    exe: str,
+    port: int,
+    frame: Path,
+    concurrency: int,
+    seconds: float,
+    connections: int = 1,
+    headers: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """`concurrency` streams over `connections` connections (SO_REUSEPORT balances connections, not streams)."""
+    streams = max(1, concurrency // connections)
     extra = [arg for header in headers for arg in ("-H", header)]  # e.g. gRPC metadata "hotserve-route-key: u1"
-    cmd = [exe, "-c", "1", "-m", str(concurrency), "-D", f"{int(seconds * 1000)}ms", "-d", str(frame),
+    cmd = [exe, "-c", str(connections), "-m", str(streams), "-D", f"{int(seconds * 1000)}ms", "-d", str(frame),
            "-H", "content-type: application/grpc", "-H", "te: trailers", *extra,
            f"http://127.0.0.1:{port}{METHOD}"]  # fmt: skip
     before = os.times()
@@ -109,9 +118,9 @@ def _ms(text: str) -> float:
 def measure(
     exe: str, pid: int, port: int, frame: Path, concurrency: int, seconds: float, headers: tuple[str, ...] = ()
 ) -> dict[str, float]:
-    h2load(exe, port, frame, concurrency, 0.5, headers)  # warm-up, not measured
+    h2load(exe, port, frame, concurrency, 0.5, headers=headers)  # warm-up, not measured
     start_cpu, start = cpu_seconds(pid), time.perf_counter()
-    result = h2load(exe, port, frame, concurrency, seconds, headers)
+    result = h2load(exe, port, frame, concurrency, seconds, headers=headers)
     cpu, wall = cpu_seconds(pid) - start_cpu, time.perf_counter() - start
     result["server_cpu_pct"] = 100 * cpu / wall
     result["server_cpu_us_per_req"] = 1e6 * cpu / max(result["requests"], 1)

@@ -125,7 +125,8 @@ def under_junk(kind: str, target: str, measure) -> tuple[dict[str, float], int]:
 
 def _bare(tmp: Path, name: str, tls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     port_file = tmp / f"{name}.port"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_grpc.py")), str(port_file), *tls])
+    script = Path(__file__).with_name("bare_grpc.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port_file), *(["--tls", *tls] if tls else [])])
     deadline = time.monotonic() + 30
     while not port_file.exists() or not port_file.read_text():
         if time.monotonic() > deadline or proc.poll() is not None:

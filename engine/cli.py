@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ def _serve_parser() -> Parser:
     p.add_argument("--grpc_bind_address", default="0.0.0.0")
     p.add_argument("--rest_port", type=int, default=0, help="REST port (0 = off)")
     p.add_argument("--rest_bind_address", default="0.0.0.0")
-    p.add_argument("--grpc_workers", type=int, default=1, help="worker processes; only 1 is supported so far")
+    p.add_argument("--grpc_workers", type=int, default=1, help="worker processes sharing the ports (1..CPU count)")
     p.add_argument("--log_level", default="INFO", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--cache_dir", type=Path, help="compiled-model cache (default /opt/cache when it exists)")
     p.add_argument("--cache_size_limit", help="evict least-recently-used cache entries above this size (e.g. 10G)")
@@ -45,9 +46,8 @@ def _serve_parser() -> Parser:
 
 
 def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
-    from . import cache, config
-    from .server import Settings
-    from .tls import TlsFiles
+    from . import config
+    from .settings import Settings
 
     args = _serve_parser().parse_args(argv)
     given = {n: getattr(args, n) for n in MODEL_PARAMS if getattr(args, n) is not None}
@@ -62,8 +62,9 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
             raise UsageError(f"--{flag} must be between 0 and 65535")
     if args.port and args.port == args.rest_port:
         raise UsageError("--port and --rest_port must differ")
-    if args.grpc_workers != 1:  # refused rather than accepted and ignored
-        raise UsageError(f"--grpc_workers {args.grpc_workers}: only 1 worker process is supported so far")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.grpc_workers <= cores:  # OVMS's rule: more workers than cores only share the same cores
+        raise UsageError(f"--grpc_workers count should be from 1 to CPU core count : {cores}")
     if not 0 <= args.drain_seconds < float("inf"):
         raise UsageError("--drain_seconds must be >= 0 (0 skips the drain window)")
     if args.file_system_poll_wait_seconds < 0:
@@ -76,10 +77,14 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError("--tls_client_ca needs --tls_cert and --tls_key (mTLS is TLS with client certificates)")
     tls = None
     if args.tls_cert is not None:
+        from .tls import TlsFiles
+
         tls = TlsFiles(args.tls_cert.absolute(), args.tls_key.absolute(),
                        args.tls_client_ca.absolute() if args.tls_client_ca else None)  # fmt: skip
     limit = None
     if args.cache_size_limit is not None:
+        from . import cache  # imports OpenVINO: only when needed, so a worker supervisor stays small
+
         try:
             limit = cache.parse_size(args.cache_size_limit)
         except ValueError as exc:
@@ -157,9 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command not in COMMANDS:
             raise UsageError(f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)}")
         if command == "serve":
+            settings = _settings(argv)
+            if settings.grpc_workers > 1:
+                from .workers import run  # the supervisor: nothing of gRPC or OpenVINO in this process
+
+                return run(settings)
             from .server import serve
 
-            return serve(_settings(argv))
+            return serve(settings)
         if command == "validate":
             return _validate(argv)
         if command == "status":

@@ -3,15 +3,21 @@
 Requests are counted as they happen (the dataplane calls `observe`); everything else — version states, load
 times, cache use, reloads, in-flight requests — is read from the registry and reconciler at scrape time, so nothing
 on the loading path knows about metrics.
+
+With `--grpc_workers N` every worker writes prometheus_client's multiprocess files (the supervisor's private dir)
+and a scrape of any worker reads all of them: request counts and latencies are the fleet's sums. A worker's state is
+published into multiprocess gauges by its "metrics sync" loop (and at each of its own scrapes): version state, load
+time and cache use per worker (label `pid`), in-flight requests and cache hits summed, reloads counted over the fleet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -31,12 +37,17 @@ class ReloadCounts(Protocol):
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SYNC_SECONDS = 0.25  # how stale another worker's state may be in a scrape
 
 
 class Metrics:
-    def __init__(self, registry: Registry, reconciler: ReloadCounts, cache: ModelCache | None) -> None:
+    def __init__(
+        self, registry: Registry, reconciler: ReloadCounts, cache: ModelCache | None, multiprocess: bool = False
+    ) -> None:
         self.registry = registry
         self.collectors = CollectorRegistry()
+        self.multiprocess = multiprocess
+        self.served = 0  # requests this process counted (published per worker in multiprocess mode)
         per_version = ["model", "version", "api", "version_label"]  # version_label: the version's labels then
         self.requests = Counter("hotserve_requests", "Inference requests", per_version, registry=self.collectors)
         self.failures = Counter(
@@ -46,7 +57,16 @@ class Metrics:
             "hotserve_request_duration_seconds", "Inference request latency", ["model", "api"],
             buckets=LATENCY_BUCKETS, registry=self.collectors,
         )  # fmt: skip
-        self.collectors.register(_StateCollector(registry, reconciler, cache))
+        self._fleet: _FleetState | None = None
+        if multiprocess:
+            from prometheus_client import multiprocess as mp
+
+            self._fleet = _FleetState(registry, reconciler, self)
+            self._scrape = CollectorRegistry()  # every worker's files, and the cache dir they share
+            self._scrape.register(_Known(mp.MultiProcessCollector(None), registry))
+            self._scrape.register(_CacheDirCollector(cache))
+        else:
+            self.collectors.register(_StateCollector(registry, reconciler, cache))
         self._series: set[tuple[str, str, str, str]] = set()
         # label children, looked up once per series rather than per request (prometheus_client's labels() locks)
         self._children: dict[tuple[str, str, str, str], list[Any]] = {}
@@ -75,6 +95,7 @@ class Metrics:
             children = [self.requests.labels(*labels), None, self.latency.labels(model, api)]
             self._children[labels] = children
         children[0].inc()
+        self.served += 1
         if not ok:
             if children[1] is None:  # a failures series appears with the first failure, as before
                 children[1] = self.failures.labels(*labels)
@@ -83,7 +104,17 @@ class Metrics:
 
     def render(self) -> bytes:
         self._prune()
+        if self._fleet is not None:
+            self._fleet.publish()  # this worker's own state is fresh; the others' at most SYNC_SECONDS old
+            return generate_latest(self._scrape)
         return generate_latest(self.collectors)
+
+    async def run(self) -> None:
+        """Multiprocess mode: keep this worker's state in the shared files (run under the server's supervisor)."""
+        assert self._fleet is not None
+        while True:
+            self._fleet.publish()
+            await asyncio.sleep(SYNC_SECONDS)
 
     def _prune(self) -> None:
         """Drop the series of versions the registry forgot and of models it no longer has: bounded series."""
@@ -93,6 +124,8 @@ class Metrics:
             if model and (entry is None or (version and int(version) not in entry.slots)):
                 self._series.discard(labels)
                 self._children.pop(labels, None)
+                if self.multiprocess:
+                    continue  # files cannot forget a series: _Known leaves it out of the scrape instead
                 for counter in (self.requests, self.failures):
                     with contextlib.suppress(KeyError):
                         counter.remove(*labels)
@@ -136,12 +169,107 @@ class _StateCollector(Collector):
             "hotserve_reload_failures", "Reconciles that ended with errors", value=self.reconciler.failed_runs
         )
         if self.cache is not None:
-            size, count = self.cache.stats()
             yield GaugeMetricFamily(
                 "hotserve_cache_hits", "AVAILABLE versions whose compile was imported from the cache", value=hits
             )
             yield GaugeMetricFamily(
                 "hotserve_cache_misses", "AVAILABLE versions compiled afresh with the cache enabled", value=misses
             )
+            yield from _CacheDirCollector(self.cache).collect()
+
+
+class _CacheDirCollector(Collector):
+    """The compiled-model cache dir, read at scrape time (multiprocess mode: every worker shares it)."""
+
+    def __init__(self, cache: ModelCache | None) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        if self.cache is not None:
+            size, count = self.cache.stats()
             yield GaugeMetricFamily("hotserve_cache_bytes", "Bytes of compiled blobs in the cache dir", value=size)
             yield GaugeMetricFamily("hotserve_cache_blobs", "Compiled blobs in the cache dir", value=count)
+
+
+class _Known(Collector):
+    """Samples of models and versions this worker's registry still has (the files keep every series written)."""
+
+    def __init__(self, inner: Collector, registry: Registry) -> None:
+        self.inner = inner
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.inner.collect():
+            metric.samples = [s for s in metric.samples if self._known(s.labels)]
+            yield metric
+
+    def _known(self, labels: dict[str, str]) -> bool:
+        model = labels.get("model")
+        if not model:
+            return True
+        entry = self.registry.models.get(model)
+        version = labels.get("version", "")
+        return entry is not None and (not version or int(version) in entry.slots)
+
+
+class _FleetState:
+    """One worker's state, written into multiprocess gauges (and the fleet's reload counters)."""
+
+    def __init__(self, registry: Registry, reconciler: ReloadCounts, metrics: Metrics) -> None:
+        self.registry = registry
+        self.reconciler = reconciler
+        self.metrics = metrics
+        labels = ["model", "version"]
+        # a worker's own view, labelled by pid (liveall: a dead worker's series go with it)
+        self.state = Gauge("hotserve_version_state", "Version state (10 START … 50 END), per worker", labels,
+                           multiprocess_mode="liveall", registry=None)  # fmt: skip
+        self.load = Gauge("hotserve_version_load_seconds", "Time the last load took, per worker", labels,
+                          multiprocess_mode="liveall", registry=None)  # fmt: skip
+        self.cached = Gauge(
+            "hotserve_version_loaded_from_cache",
+            "1 when the version was imported from the cache, per worker; label cache says whether the cache is "
+            "used, or why not",
+            [*labels, "cache"], multiprocess_mode="liveall", registry=None,
+        )  # fmt: skip
+        self.inflight = Gauge("hotserve_inflight_requests", "Requests being served (all workers)", labels,
+                              multiprocess_mode="livesum", registry=None)  # fmt: skip
+        self.hits = Gauge("hotserve_cache_hits", "AVAILABLE versions imported from the cache (all workers)",
+                          multiprocess_mode="livesum", registry=None)  # fmt: skip
+        self.misses = Gauge("hotserve_cache_misses", "AVAILABLE versions compiled afresh with the cache enabled "
+                            "(all workers)", multiprocess_mode="livesum", registry=None)  # fmt: skip
+        self.worker_requests = Gauge("hotserve_worker_requests", "Inference requests this worker served since it "
+                                     "started", multiprocess_mode="liveall", registry=None)  # fmt: skip
+        self.reloads = Counter("hotserve_reloads", "Reconciles run since start (all workers)", registry=None)
+        self.reload_failures = Counter(
+            "hotserve_reload_failures", "Reconciles that ended with errors (all workers)", registry=None
+        )
+        self._counted = (0, 0)
+        self._last: dict[tuple[object, ...], float] = {}
+
+    def _set(self, gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
+        key = (gauge, *labels)
+        if self._last.get(key) != value:  # an mmap write only when it changed
+            self._last[key] = value
+            (gauge.labels(*labels) if labels else gauge).set(value)
+
+    def publish(self) -> None:
+        hits = misses = 0
+        for name, model in self.registry.models.items():
+            for number, slot in model.slots.items():
+                status, values = slot.status, (name, str(number))
+                self._set(self.state, values, int(status.state))
+                self._set(self.load, values, status.load_seconds)
+                self._set(self.cached, (*values, status.cache), 1.0 if status.loaded_from_cache else 0.0)
+                self._set(self.inflight, values, slot.served.inflight if slot.served is not None else 0)
+                if status.state == State.AVAILABLE and status.cache.startswith("enabled"):
+                    hits += status.loaded_from_cache
+                    misses += not status.loaded_from_cache
+        self._set(self.hits, (), hits)
+        self._set(self.misses, (), misses)
+        self._set(self.worker_requests, (), self.metrics.served)
+        runs, failed = self.reconciler.runs, self.reconciler.failed_runs
+        if runs > self._counted[0]:
+            self.reloads.inc(runs - self._counted[0])
+        if failed > self._counted[1]:
+            self.reload_failures.inc(failed - self._counted[1])
+        self._counted = (runs, failed)

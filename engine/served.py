@@ -85,6 +85,7 @@ class ServedVersion:
         if self._inline:
             return self._infer_inline(request, call, inputs)
         done = call.done = self._loop.create_future()  # type: ignore[union-attr]
+        call.finished = False
         try:
             kept = _set_inputs(request, self.inputs, inputs)
             if kept is None:  # strings, bf16, scalars: OpenVINO's own conversion
@@ -98,7 +99,7 @@ class ServedVersion:
         try:
             await done
         except asyncio.CancelledError:
-            if not done.cancelled() or call.done is not done:  # OpenVINO finished (its _complete ran): nothing runs
+            if not done.cancelled() or call.finished:  # OpenVINO finished before the cancel: nothing runs any more
                 idle.put_nowait((request, call))
                 raise
             # The client went away but OpenVINO still runs the request: it keeps the version (drain, free, a
@@ -159,6 +160,7 @@ class ServedVersion:
         self._loop.call_soon_threadsafe(self._complete, call)  # type: ignore[union-attr]
 
     def _complete(self, call: _Call) -> None:
+        call.finished = True  # a cancel the task has not seen yet must not wait for this callback again
         if call.abandoned:  # its request was cancelled: give back the infer request and the version it held
             call.abandoned = False
             self.release()
@@ -168,8 +170,6 @@ class ServedVersion:
         done = call.done
         if done is not None and not done.done():
             done.set_result(None)
-        elif done is not None and done.cancelled():
-            call.done = None  # cancelled, and its task has not run yet: it sees this and gives the request back
 
     # Leases: the registry counts in-flight requests so a retiring version can wait for them.
     def acquire(self) -> None:
@@ -203,12 +203,13 @@ def _ignore(_: object) -> None:
 class _Call:
     """One infer request's state across calls; the OpenVINO callback gets it as its userdata."""
 
-    __slots__ = ("abandoned", "done", "inputs", "request")
+    __slots__ = ("abandoned", "done", "finished", "inputs", "request")
 
     def __init__(self, request: ov.InferRequest) -> None:
         self.request = request
         self.done: asyncio.Future[None] | None = None
         self.abandoned = False
+        self.finished = False  # OpenVINO's callback for the current call has run on the loop
         self.inputs: list[np.ndarray] = []  # the buffers OpenVINO reads, alive until the next call replaces them
 
 

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
-import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
 from aiohttp import web
 
 from . import cache as cache_rules
-from . import config as config_mod
-from .config import Config, ConfigInvalid
 from .frontend import kserve, offload, rest, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
@@ -25,94 +20,29 @@ from .metrics import Metrics
 from .reconciler import Reconciler
 from .registry import Registry
 from .runtime import Runtime
-from .schema import read_regular
+from .settings import Settings, config_source, startup_checked
 from .status import ReloadResult
 from .supervise import Supervisor
-from .tls import Certificates, TlsError, TlsFiles
+from .tls import Certificates, TlsError
 from .watcher import Watcher
+from .worker_link import WorkerLink
 
 log = logging.getLogger("hotserve.server")
 
 MAX_MESSAGE = 1 << 30  # 1 GiB, as OVMS
 SHUTDOWN_GRACE_SECONDS = 30.0
-DRAIN_SECONDS = 5.0  # Kubernetes removes a terminating pod's endpoints asynchronously: keep serving meanwhile
-TRACE = 5
-LOG_LEVELS = {"TRACE": TRACE, "DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
-              "ERROR": logging.ERROR}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Settings:
-    config_path: Path | None = None
-    model_name: str | None = None
-    model_path: Path | None = None
-    model_overrides: dict[str, object] = field(default_factory=dict)
-    port: int = 9000
-    grpc_bind_address: str = "0.0.0.0"
-    rest_port: int = 0
-    rest_bind_address: str = "0.0.0.0"
-    cache_dir: Path | None = None
-    cache_size_limit: int | None = None
-    file_system_poll_wait_seconds: float = 1.0
-    watch_mode: str = "auto"
-    grpc_workers: int = 1
-    log_level: str = "INFO"
-    drain_seconds: float = DRAIN_SECONDS
-    max_request_mb: int = 256
-    tls: TlsFiles | None = None
-
-
-def setup_logging(level: str) -> None:
-    logging.addLevelName(TRACE, "TRACE")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            "[%(asctime)s.%(msecs)03d][%(process)d][%(name)s][%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(LOG_LEVELS[level])
-    for noisy in ("watchfiles", "aiohttp.access", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, LOG_LEVELS[level]))
-
-
-def config_source(settings: Settings) -> Callable[[], Config]:
-    if settings.config_path is not None:
-        return _FileSource(settings.config_path)
-    assert settings.model_name is not None and settings.model_path is not None
-    single = config_mod.single_model(settings.model_name, settings.model_path, **settings.model_overrides)
-    return lambda: single
-
-
-class _FileSource:
-    """Reads models.json; identical bytes give back the same Config, so a re-save changes nothing."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._last: Config | None = None
-
-    def __call__(self) -> Config:
-        if self._last is not None:
-            try:
-                unchanged = hashlib.sha256(read_regular(self.path)).hexdigest() == self._last.digest
-            except OSError:
-                unchanged = False
-            if unchanged:
-                return self._last
-        self._last = config_mod.load(self.path)
-        return self._last
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, link: WorkerLink | None = None) -> None:
         self.settings = settings
+        self.link = link  # one worker of `--grpc_workers N`: reloads go to the whole fleet, metrics are shared
         self.certificates = Certificates(settings.tls) if settings.tls is not None else None  # TlsError: no start
         self.source = config_source(settings)
         cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
         self.registry = Registry()
         self.reconciler = Reconciler(self.source, self.registry, Runtime(cache))
-        self.metrics = Metrics(self.registry, self.reconciler, cache)
+        self.metrics = Metrics(self.registry, self.reconciler, cache, multiprocess=link is not None)
         self.plane = DataPlane(
             self.registry,
             self._reload,
@@ -137,6 +67,11 @@ class Server:
         self._ready_at_signal = False
 
     async def _reload(self) -> ReloadResult:
+        if self.link is not None:
+            return await self.link.fleet_reload()  # answered once every worker has reloaded
+        return await self._reload_here()
+
+    async def _reload_here(self) -> ReloadResult:
         return await self.reconciler.trigger(force=True)
 
     def _base_paths(self) -> set[Path]:
@@ -148,13 +83,34 @@ class Server:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.max_receive_message_length", max_request),  # RESOURCE_EXHAUSTED before any decoding
-                ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared silently
+                # a busy port must fail, not be shared silently; workers share theirs (engine/ports.py guards it)
+                ("grpc.so_reuseport", int(self.link is not None)),
             ]
         )
         services = [kserve.register(self.grpc, self.plane), *tfs.register(self.grpc, self.plane)]
         services.append(self.health.register(self.grpc))
         enable_reflection(self.grpc, services)
         await self.health.start()  # "" NOT_SERVING before the first RPC can ask
+        if self.link is None:
+            await self._listen(max_request)
+        result = await self.reconciler.trigger()
+        if self.link is not None:  # a worker joins the shared ports once it can serve: the kernel routes to it at once
+            await self._listen(max_request)
+        self.plane.ready = True
+        log.info(
+            "Server ready: %d model(s); initial load %s",
+            len(self.registry.models),
+            "OK" if result.ok else f"with {len(result.errors)} error(s)",
+        )
+        await self.health.sync()
+        self.supervisor.keep("health sync", self.health.run)
+        if self.link is not None:
+            self.supervisor.keep("metrics sync", self.metrics.run)
+            self.link.ready()
+        self.watcher.start(self.supervisor)
+
+    async def _listen(self, max_request: int) -> None:
+        assert self.grpc is not None
         address = f"{self.settings.grpc_bind_address}:{self.settings.port}"
         try:
             if self.certificates is not None:
@@ -177,32 +133,30 @@ class Server:
                     max_request,
                     self.certificates.ssl_context() if self.certificates is not None else None,
                     SHUTDOWN_GRACE_SECONDS,
+                    reuse_port=self.link is not None,
                 )
             except OSError as exc:
                 raise SystemExit(
                     f"Cannot start REST server on port {self.settings.rest_port}: {exc.strerror}"
                 ) from None
             log.info("Started REST server on port %d", rest.bound_port(self.rest))
-        result = await self.reconciler.trigger()
-        self.plane.ready = True
-        log.info(
-            "Server ready: %d model(s); initial load %s",
-            len(self.registry.models),
-            "OK" if result.ok else f"with {len(result.errors)} error(s)",
-        )
-        await self.health.sync()
-        self.supervisor.keep("health sync", self.health.run)
-        self.watcher.start(self.supervisor)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # a worker ignores SIGINT: Ctrl-C reaches the whole process group and the supervisor sends SIGTERM
+        for sig in (signal.SIGTERM,) if self.link is not None else (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        await self.start()
-        await self._stop.wait()
-        await self.drain()
-        await self.stop()
+        if self.link is not None:
+            self.link.start(self._reload_here, lambda: self._on_term(signal.SIGTERM))
+        try:
+            await self.start()
+            await self._stop.wait()
+            await self.drain()
+            await self.stop()
+        finally:
+            if self.link is not None:
+                self.link.close()
         return 0
 
     def _on_term(self, sig: signal.Signals) -> None:
@@ -264,30 +218,12 @@ class Server:
             log.exception("Shutdown: %s failed", what)
 
 
-def validate_startup(settings: Settings) -> list[str]:
-    """Only a file that cannot be applied at all (unreadable, not JSON, schema) stops the start-up.
-
-    An entry with a semantic error starts as on a live reload: that model is listed with its error, the rest serve.
-    """
-    try:
-        config_source(settings)()
-    except ConfigInvalid as exc:
-        return [str(e) for e in exc.errors]
-    except ValueError as exc:
-        return [str(exc)]
-    return []
-
-
-def serve(settings: Settings) -> int:
-    setup_logging(settings.log_level)
-    errors = validate_startup(settings)
-    if errors:
-        for error in errors:
-            log.error("%s", error)
-        log.error("Configuration is invalid; not starting (%d error(s))", len(errors))
+def serve(settings: Settings, link: WorkerLink | None = None) -> int:
+    """Serve in this process: the single-process server, or one worker of `--grpc_workers N` (with its link)."""
+    if not startup_checked(settings):
         return 1
     try:
-        return asyncio.run(Server(settings).run())
+        return asyncio.run(Server(settings, link).run())
     except TlsError as exc:
         log.error("Cannot start with TLS: %s", exc)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -38,6 +39,7 @@ class ServerProcess:
             env={**os.environ, **(env or {})},
         )
         self.port = 0
+        self.workers = int(args[args.index("--grpc_workers") + 1]) if "--grpc_workers" in args else 1
 
     @property
     def address(self) -> str:
@@ -47,15 +49,16 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
-        """Wait until the log (from offset `start`) matches `pattern`."""
+    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0, exited: bool = False) -> re.Match[str]:
+        """Wait until the log (from offset `start`) matches `pattern`; `exited`: the process itself may be gone
+        (its workers still write the log)."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.log[start:]
             found = re.search(pattern, text)
             if found:
                 return found
-            if self.proc.poll() is not None:
+            if not exited and self.proc.poll() is not None:
                 raise AssertionError(f"server exited ({self.proc.returncode}) before {pattern!r}:\n{self.log[-4000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.log[-4000:]}")
@@ -64,7 +67,7 @@ class ServerProcess:
     def wait_ready(self) -> ServerProcess:
         try:
             self.port = int(self.wait_for(r"Started gRPC server on port (\d+)", STARTUP_TIMEOUT).group(1))
-            self.wait_for(r"Server ready", STARTUP_TIMEOUT)
+            self.wait_for(r"Server ready" if self.workers == 1 else r"All \d+ workers ready", STARTUP_TIMEOUT)
         except BaseException:
             self.stop(timeout=5)  # never leave a server behind
             raise
@@ -72,6 +75,17 @@ class ServerProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def _kill_orphans(self) -> None:
+        """Workers left behind by a supervisor that was killed: only processes with this run's metrics dir."""
+        found = re.search(r"metrics dir (\S+)", self.log)
+        if found is None:
+            return
+        mark = f"PROMETHEUS_MULTIPROC_DIR={found.group(1)}".encode()
+        for pid in map(int, re.findall(r"Worker \d+ started \(pid (\d+)\)", self.log)):
+            with contextlib.suppress(OSError):  # gone already (or not ours to read)
+                if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -81,5 +95,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._kill_orphans()
         self._log.close()
         return self.proc.returncode

@@ -414,6 +414,29 @@ async def test_a_cancel_that_meets_openvinos_completion_gives_the_infer_request_
     await env.close()
 
 
+@aio
+async def test_a_cancel_arriving_after_openvino_finished_gives_the_infer_request_back(env: Env) -> None:
+    """The cancel reaches the task after OpenVINO's callback was queued on the loop: nothing is left to wait for.
+    (h2load ending 64 streams at once hit this: the only infer request leaked and the server stopped answering.)"""
+    import modelgen
+
+    modelgen.conv(env.root / "models" / "conv" / "1")
+    env.model("conv", nireq=1)
+    assert (await env.reload()).ok
+    served = env.served("conv", 1)
+    x = np.ones((1, 3, 224, 224), np.float32)
+    request = asyncio.create_task(env.plane.infer("conv", None, [Tensor("input", "FP32", x.shape, x)]))
+    await env.until(lambda: served._idle is not None and served._idle.qsize() == 0, "OpenVINO to start")
+    served._requests[0].wait()  # blocks the loop until OpenVINO is done: its callback has queued the completion
+    request.cancel()  # ...so the completion runs before the task sees its cancel
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert served._idle is not None and served._idle.qsize() == 1 and served.inflight == 0
+    (output,) = (await env.plane.infer("conv", None, [Tensor("input", "FP32", x.shape, x)]))[1]
+    assert output.data.shape[0] == 1
+    await env.close()
+
+
 # ---- 9. an invalid entry at start-up fails that model only ----
 @aio
 async def test_a_semantically_invalid_entry_at_start_up_is_listed_with_its_error(env: Env) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import modelgen
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, model_entry
 
@@ -49,10 +51,11 @@ def test_a_schema_invalid_file_still_stops_the_start_up(tmp_path: Path, serve) -
     assert "Configuration is invalid; not starting" in server.log
 
 
-def test_grpc_workers_other_than_one_is_refused_not_ignored(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "engine", "serve", "--model_name", "m", "--model_path",
-                           str(tmp_path), "--grpc_workers", "2"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 64 and "only 1 worker process is supported" in done.stderr
+@pytest.mark.parametrize("count", ["0", str((os.cpu_count() or 1) + 1)])
+def test_grpc_workers_outside_one_to_the_core_count_is_refused(tmp_path: Path, count: str) -> None:
+    argv = [sys.executable, "-m", "engine", "serve", "--model_name", "m", "--model_path", str(tmp_path)]
+    done = subprocess.run([*argv, "--grpc_workers", count], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 64 and "grpc_workers count should be from 1 to CPU core count" in done.stderr
 
 
 def test_config_warnings_reach_the_log(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]

@@ -183,11 +183,12 @@ async def start(
     max_request_bytes: int = DEFAULT_MAX_REQUEST,
     ssl_context: ssl.SSLContext | None = None,
     grace: float = 30.0,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     # shutdown_timeout: in-flight requests get the same grace as gRPC's, not aiohttp's 60 s
     runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None, shutdown_timeout=grace)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=False, ssl_context=ssl_context)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=ssl_context)  # True: workers share it
     await site.start()
     return runner
 

@@ -1,0 +1,310 @@
+"""`--grpc_workers N` (N > 1): a supervisor process running N replicas of the server on the same ports.
+
+Each worker is a full single-process server (its own watcher, reconciler and compiled models) started with
+multiprocessing's spawn (nothing of gRPC or OpenVINO is ever forked); the kernel balances connections among them
+(SO_REUSEPORT). Worker 1 starts first; 2..N start once it is ready, so they import what it compiled from the cache.
+The supervisor holds the ports (engine/ports.py), restarts a worker that dies (with backoff), forwards SIGTERM/SIGINT
+(drain) and SIGHUP (reload), runs fleet reloads (engine/worker_link.py) and owns the metrics dir of
+prometheus_client's multiprocess mode. One thread, one `wait()` over the workers' pipes, their process sentinels and a
+signal wake-up socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import ports
+from .settings import startup_checked
+from .status import ReloadResult
+from .worker_link import FleetReload, FleetReloaded, Ready, Reload, Reloaded, worker_main
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+log = logging.getLogger("hotserve.supervisor")
+
+RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # backoff of a worker's restarts; reset after it ran RESTART_MAX calmly
+METRICS_PREFIX = "hotserve-metrics-"
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: BaseProcess
+    conn: Connection
+    started: float
+    ready: bool = False
+
+
+@dataclass
+class _FleetReload:
+    """One fleet reload: who asked, and the answers still awaited (worker index → pid)."""
+
+    asker: int
+    asker_request: int
+    waiting: dict[int, int]
+    results: dict[int, tuple[int, ReloadResult]] = field(default_factory=dict)
+    missing: dict[int, int] = field(default_factory=dict)  # exited before answering
+
+
+def combine(results: dict[int, tuple[int, ReloadResult]], missing: dict[int, int]) -> ReloadResult:
+    """One result for a fleet reload. An error every worker reported is listed once; others name their worker."""
+    all_errors = [set(r.errors) for _, r in results.values()]
+    common = set.intersection(*all_errors) if all_errors and not missing else set()
+    errors: list[str] = sorted(common)
+    for index, (pid, result) in sorted(results.items()):
+        errors += [f"worker {index} (pid {pid}): {e}" for e in result.errors if e not in common]
+    errors += [f"worker {index} (pid {pid}): exited before it reloaded" for index, pid in sorted(missing.items())]
+    return ReloadResult(
+        ok=not missing and all(r.ok for _, r in results.values()),
+        changed=any(r.changed for _, r in results.values()),
+        errors=tuple(errors),
+        config_valid=all(r.config_valid for _, r in results.values()),
+    )
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _clean_stale_metrics_dirs() -> None:
+    """Metrics dirs of earlier supervisors that died without cleaning up (named after their pid)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
+        pid = path.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+class WorkerSupervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = settings.grpc_workers
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, _Worker] = {}
+        self._restart_at: dict[int, float] = {}  # index → when to start it again
+        self._delay: dict[int, float] = dict.fromkeys(range(1, self.count + 1), RESTART_FIRST)
+        self._reloads: dict[int, _FleetReload] = {}
+        self._next_reload = 1
+        self._stopping = False
+        self._exit_code = 0
+        self._all_ready = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._signals: list[int] = []
+        self.metrics_dir: Path | None = None
+
+    # ---- the loop ----
+    def run(self) -> int:
+        held: list[ports.HeldPort] = []
+        try:
+            held.append(ports.hold("gRPC", self.settings.grpc_bind_address, self.settings.port))
+            if self.settings.rest_port:
+                held.append(ports.hold("REST", self.settings.rest_bind_address, self.settings.rest_port))
+        except ports.PortBusy as exc:
+            ports.release(held)
+            log.error("%s", exc)
+            return 1
+        worker_settings = replace(self.settings, port=held[0].port)
+        _clean_stale_metrics_dirs()
+        self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # the spawned workers inherit it
+        self._install_signals()
+        rest = f" and REST port {self.settings.rest_port}" if self.settings.rest_port else ""
+        log.info("Supervisor: %d workers on gRPC port %d%s; metrics dir %s", self.count, held[0].port, rest,
+                 self.metrics_dir)  # fmt: skip
+        try:
+            self._start(1, worker_settings)
+            while self._workers or (self._restart_at and not self._stopping):
+                self._step(worker_settings)
+            return self._exit_code
+        finally:
+            self._restore_signals()
+            ports.release(held)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            log.info("Supervisor: all workers stopped")
+
+    def _step(self, settings: Settings) -> None:
+        now = time.monotonic()
+        for index, due in list(self._restart_at.items()):
+            if due <= now and not self._stopping:
+                del self._restart_at[index]
+                self._start(index, settings)
+        timeout = max(0.0, min(self._restart_at.values()) - now) if self._restart_at else None
+        waitables: list[Connection | socket.socket | int] = [self._wake_r]
+        for worker in self._workers.values():
+            waitables += [worker.conn, worker.process.sentinel]
+        for ready in wait(waitables, timeout):
+            if ready is self._wake_r:
+                self._on_signals()
+                continue
+            for worker in list(self._workers.values()):
+                if ready is worker.conn:
+                    self._read(worker, settings)
+                elif ready == worker.process.sentinel:
+                    self._exited(worker)
+
+    def _start(self, index: int, settings: Settings) -> None:
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=worker_main, args=(settings, index, child), name=f"worker-{index}")
+        process.start()
+        child.close()
+        assert process.pid is not None
+        self._workers[index] = _Worker(index, process, parent, time.monotonic())
+        log.info("Worker %d started (pid %d)", index, process.pid)
+
+    def _read(self, worker: _Worker, settings: Settings) -> None:
+        try:
+            while worker.conn.poll():
+                self._message(worker, worker.conn.recv(), settings)
+        except (EOFError, OSError):
+            pass  # the worker is exiting: its sentinel says so
+
+    def _message(self, worker: _Worker, message: object, settings: Settings) -> None:
+        if isinstance(message, Ready):
+            worker.ready = True
+            log.info("Worker %d ready (pid %d)", worker.index, message.pid)
+            if worker.index == 1 and not self._all_ready and not self._stopping:
+                for index in range(2, self.count + 1):  # after worker 1: they import its compiles from the cache
+                    if index not in self._workers:
+                        self._start(index, settings)
+            if (
+                not self._all_ready
+                and len(self._workers) == self.count
+                and all(w.ready for w in self._workers.values())
+            ):
+                self._all_ready = True
+                pids = ", ".join(str(w.process.pid) for w in self._workers.values())
+                log.info("All %d workers ready (pids %s)", self.count, pids)
+        elif isinstance(message, FleetReload):
+            self._begin_reload(worker, message.request)
+        elif isinstance(message, Reloaded):
+            self._reloaded(worker.index, message.request, message.result)
+
+    # ---- fleet reloads ----
+    def _begin_reload(self, asker: _Worker, asker_request: int) -> None:
+        request, self._next_reload = self._next_reload, self._next_reload + 1
+        targets = {w.index: w for w in self._workers.values() if w.ready}  # one starting now reads the files anyway
+        targets[asker.index] = asker
+        fleet = _FleetReload(asker.index, asker_request, {i: w.process.pid or 0 for i, w in targets.items()})
+        self._reloads[request] = fleet
+        log.info("Reload requested through worker %d: reloading %d worker(s)", asker.index, len(targets))
+        for worker in targets.values():
+            with contextlib.suppress(OSError):  # it is exiting: _exited() answers for it
+                worker.conn.send(Reload(request))
+        self._finish_reload(request)
+
+    def _reloaded(self, index: int, request: int, result: ReloadResult) -> None:
+        fleet = self._reloads.get(request)
+        if fleet is None or index not in fleet.waiting:
+            return
+        fleet.results[index] = (fleet.waiting.pop(index), result)
+        self._finish_reload(request)
+
+    def _finish_reload(self, request: int) -> None:
+        fleet = self._reloads[request]
+        if fleet.waiting:
+            return
+        del self._reloads[request]
+        asker = self._workers.get(fleet.asker)
+        if asker is not None:
+            with contextlib.suppress(OSError):
+                asker.conn.send(FleetReloaded(fleet.asker_request, combine(fleet.results, fleet.missing)))
+
+    # ---- exits and restarts ----
+    def _exited(self, worker: _Worker) -> None:
+        worker.process.join()
+        code = worker.process.exitcode
+        pid = worker.process.pid
+        del self._workers[worker.index]
+        worker.conn.close()
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # its live gauges go; its counters stay
+        for request, fleet in list(self._reloads.items()):
+            if worker.index in fleet.waiting:
+                fleet.missing[worker.index] = fleet.waiting.pop(worker.index)
+                self._finish_reload(request)
+        if self._stopping:
+            log.info("Worker %d (pid %s) stopped (%s)", worker.index, pid, _exit_text(code))
+            if code and code > 0 and not self._exit_code:  # killed by our SIGTERM before its handler: no error
+                self._exit_code = code
+            return
+        if not worker.ready and not self._all_ready:
+            log.error("Worker %d (pid %s) could not start (%s); stopping", worker.index, pid, _exit_text(code))
+            self._exit_code = code if code and code > 0 else 1
+            self._stop(signal.SIGTERM)
+            return
+        delay = self._delay[worker.index]
+        if time.monotonic() - worker.started > RESTART_MAX:
+            delay = RESTART_FIRST  # it ran calmly for a while: a new problem
+        log.error("Worker %d (pid %s) exited (%s); restarting it in %.1f s", worker.index, pid, _exit_text(code), delay)
+        self._restart_at[worker.index] = time.monotonic() + delay
+        self._delay[worker.index] = min(RESTART_MAX, delay * 2)
+
+    # ---- signals ----
+    def _install_signals(self) -> None:
+        self._wake_w.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+
+    def _on_signal(self, sig: int, frame: object) -> None:
+        self._signals.append(sig)  # handled by the loop: the wake-up fd makes wait() return
+
+    def _on_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(4096)
+        signals, self._signals = self._signals, []
+        for sig in signals:
+            if sig == signal.SIGHUP:
+                log.info("SIGHUP: reloading every worker")
+                self._signal_all(signal.SIGHUP, ready_only=True)  # one starting reads the files anyway
+            else:
+                self._stop(signal.Signals(sig))
+
+    def _stop(self, sig: signal.Signals) -> None:
+        """First: every worker drains and stops (SIGTERM); again: SIGTERM again, which ends their drain windows."""
+        if not self._stopping:
+            log.info("%s: stopping %d worker(s)", sig.name, len(self._workers))
+        self._stopping = True
+        self._restart_at.clear()
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: signal.Signals, ready_only: bool = False) -> None:
+        for worker in self._workers.values():
+            if worker.process.pid is not None and (worker.ready or not ready_only):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, sig)
+
+
+def run(settings: Settings) -> int:
+    """`hotserve serve --grpc_workers N` (N > 1): the same start-up check as one process, then the workers."""
+    if not startup_checked(settings):
+        return 1
+    return WorkerSupervisor(settings).run()
