@@ -8,7 +8,7 @@ on the loading path knows about metrics.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -31,6 +31,8 @@ class ReloadCounts(Protocol):
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -48,6 +50,15 @@ class Metrics:
             "hotserve_request_duration_seconds", "Inference request latency", ["model", "api"],
             buckets=LATENCY_BUCKETS, registry=self.collectors,
         )  # fmt: skip
+        self.batch_size = Histogram(
+            "hotserve_batch_size", "Rows per inference the dynamic batcher ran (_count: its inferences)", ["model"],
+            buckets=BATCH_BUCKETS, registry=self.collectors,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "hotserve_queue_duration_seconds", "Time a request waited in its model's batching queue", ["model"],
+            buckets=QUEUE_BUCKETS, registry=self.collectors,
+        )  # fmt: skip
+        self._batched: dict[str, tuple[Any, Any]] = {}  # model → its two batching children
         self.collectors.register(_StateCollector(registry, reconciler, cache))
         self._series: set[tuple[str, str, str]] = set()
         # label children, looked up once per series rather than per request (prometheus_client's labels() locks)
@@ -75,12 +86,26 @@ class Metrics:
             children[1].inc()
         children[2].observe(seconds)
 
+    def batch(self, model: str, rows: int, queued_seconds: Sequence[float]) -> None:
+        """One inference of a dynamic batcher (batching.BatchObserver); models come from models.json: bounded."""
+        children = self._batched.get(model)
+        if children is None:
+            children = self._batched[model] = (self.batch_size.labels(model), self.queue_time.labels(model))
+        children[0].observe(rows)
+        for seconds in queued_seconds:
+            children[1].observe(seconds)
+
     def render(self) -> bytes:
         self._prune()
         return generate_latest(self.collectors)
 
     def _prune(self) -> None:
         """Drop the series of versions the registry forgot and of models it no longer has: bounded series."""
+        for model in [m for m in self._batched if m not in self.registry.models]:
+            del self._batched[model]
+            for histogram in (self.batch_size, self.queue_time):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(model)
         for labels in list(self._series):
             model, version, api = labels
             entry = self.registry.models.get(model) if model else None

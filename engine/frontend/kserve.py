@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -12,7 +12,7 @@ from ..errors import Code, ServingError
 from ..safe_text import safe
 from ..status import State
 from ..tensors import KSERVE_TO_NUMPY, TensorSpec
-from . import codec, kserve_wire, offload
+from . import codec, kserve_wire, offload, stream
 from .dataplane import DataPlane, Tensor, parse_version
 from .generated.inference import grpc_service_pb2 as pb
 from .generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -34,8 +34,9 @@ def _config_type(datatype: str) -> int:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     api = "kserve"
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, streams: stream.Streams) -> None:
         self.plane = plane
+        self.streams = streams
 
     @guarded
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -86,6 +87,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ModelInfer(self, wire: kserve_wire.InferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self.infer_one(wire)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[kserve_wire.InferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for response in stream.serve(requests, self.infer_one, self.streams):
+            yield response
+
+    async def infer_one(self, wire: kserve_wire.InferRequest) -> pb.ModelInferResponse:
+        """One ModelInferRequest answered (ModelInfer, and each message of ModelStreamInfer)."""
         if wire.malformed is not None:
             raise ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid ModelInferRequest: {wire.malformed}")
         request = wire.message
@@ -179,12 +190,18 @@ def _decode_inputs(request: pb.ModelInferRequest, raw: Sequence[memoryview]) -> 
     return tensors
 
 
-def register(server: grpc.aio.Server, plane: DataPlane) -> str:
-    servicer = KServeServicer(plane)
+def register(server: grpc.aio.Server, plane: DataPlane, streams: stream.Streams | None = None) -> str:
+    servicer = KServeServicer(plane, streams or stream.Streams())
     infer = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=kserve_wire.parse,  # raw contents stay views into the received bytes
         response_serializer=pb.ModelInferResponse.SerializeToString,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Replacing(server, {"ModelInfer": infer}))
+    streamed = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=kserve_wire.parse,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    replaced = {"ModelInfer": infer, "ModelStreamInfer": streamed}
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Replacing(server, replaced))
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
