@@ -36,6 +36,12 @@ class BatchObserver(Protocol):
     def batch(self, model: str, rows: int, queued_seconds: Sequence[float]) -> None: ...
 
 
+class BatchHooks(Protocol):
+    """engine.lifecycle.Hooks as the batcher calls it."""
+
+    async def loop(self, point: str, name: str, version: int) -> None: ...
+
+
 def problem(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch: int) -> str | None:
     """Why a compiled model cannot be batched, or None. Batchable: every input's batch axis (the N of its layout,
     else the first) takes every size from 1 to max_batch_size, and every output's first axis is dynamic."""
@@ -49,7 +55,7 @@ def problem(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpe
             return (
                 f"model {name}: input {spec.name} (shape {spec.shape_text()}, batch axis {spec.batch_index}) has "
                 f"{kind}, which cannot take 1 to {max_batch} rows (dynamic_batching max_batch_size): set "
-                f"batch_size to -1 or a range such as 1:{max_batch} in models.json"
+                f'batch_size to "-1" or a range such as "1:{max_batch}" in models.json'
             )
     for spec in outputs:
         if not spec.bounds or spec.bounds[0][0] == spec.bounds[0][1]:
@@ -81,6 +87,7 @@ class Batcher:
         self._former: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()  # running batches (the loop keeps only weak references)
         self._changed: asyncio.Event | None = None  # a request arrived or a batch finished
+        self.hooks: BatchHooks | None = None  # the lifecycle's test seam: "batch" before a batch runs
 
     @property
     def waiting(self) -> int:
@@ -147,16 +154,17 @@ class Batcher:
     def _take(self) -> tuple[list[_Pending], float | None]:
         """The next batch, or [] and how long until the oldest request's delay runs out."""
         head = self._queue[0]
-        batch, rows = [], 0
+        batch, rows, full = [], 0, False
         for pending in self._queue:
             if pending.key != head.key:
                 continue
             if rows + pending.rows > self._settings.max_batch_size:
+                full = True  # the next one in line does not fit: waiting cannot make this batch bigger
                 break
             batch.append(pending)
             rows += pending.rows
         left = head.enqueued + self._delay - time.perf_counter()
-        if rows < self._settings.max_batch_size and rows not in self._preferred and left > 0:
+        if not full and rows < self._settings.max_batch_size and rows not in self._preferred and left > 0:
             return [], left
         for pending in batch:
             self._queue.remove(pending)
@@ -169,6 +177,8 @@ class Batcher:
         rows = sum(p.rows for p in batch)
         self._observe(rows, [started - p.enqueued for p in batch])
         try:
+            if self.hooks is not None:
+                await self.hooks.loop("batch", served.name, served.version)
             if len(batch) == 1:
                 outputs = await served.infer(batch[0].feed)
                 _answer(batch[0], outputs)

@@ -274,8 +274,8 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
 
 
 BATCHING_NEEDS_RANGE = (
-    "dynamic_batching needs a batch dimension that takes any size up to max_batch_size: set batch_size to -1 or "
-    "a range such as 1:8 (or use a model with a dynamic batch)"
+    'dynamic_batching needs a batch dimension that takes any size up to max_batch_size: set batch_size to "-1" or '
+    'a range such as "1:8" (or use a model with a dynamic batch)'
 )
 
 
