@@ -93,6 +93,11 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def running(self) -> int:
+        """Batches running; each holds its version (ServedVersion.inflight counts it beside the requests)."""
+        return self._running
+
     async def infer(self, feed: Feed) -> list[np.ndarray]:
         """The outputs of this request's rows, from the batch it joined (or run alone if it cannot join one)."""
         rows, key = self._shape_of(feed)

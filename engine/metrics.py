@@ -145,7 +145,9 @@ class _StateCollector(Collector):
                 state.add_metric(values, int(status.state))
                 load.add_metric(values, status.load_seconds)
                 cached.add_metric([*values, status.cache], 1.0 if status.loaded_from_cache else 0.0)
-                inflight.add_metric(values, slot.served.inflight if slot.served is not None else 0)
+                served = slot.served
+                batches = served.batcher.running if served is not None and served.batcher is not None else 0
+                inflight.add_metric(values, served.inflight - batches if served is not None else 0)
                 if status.state == State.AVAILABLE and status.cache.startswith("enabled"):
                     hits += status.loaded_from_cache
                     misses += not status.loaded_from_cache
