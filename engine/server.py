@@ -252,6 +252,8 @@ class Server:
         if self.rest is not None:
             fronts.append(self._step("stopping the REST server", self.rest.cleanup()))
         if self.grpc is not None:
+            if self.streams.open:
+                log.info("Ending %d open stream(s) after their in-flight messages", self.streams.open)
             self.streams.close()  # each stream answers what it read, then ends: the grace below waits for it
             fronts.append(self._step("stopping the gRPC server", self.grpc.stop(SHUTDOWN_GRACE_SECONDS)))
         await asyncio.gather(*fronts)

@@ -190,8 +190,8 @@ def _decode_inputs(request: pb.ModelInferRequest, raw: Sequence[memoryview]) -> 
     return tensors
 
 
-def register(server: grpc.aio.Server, plane: DataPlane, streams: stream.Streams | None = None) -> str:
-    servicer = KServeServicer(plane, streams or stream.Streams())
+def register(server: grpc.aio.Server, plane: DataPlane, streams: stream.Streams) -> str:
+    servicer = KServeServicer(plane, streams)
     infer = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=kserve_wire.parse,  # raw contents stay views into the received bytes
