@@ -61,8 +61,9 @@ def batch_curve(xml: Path, row: tuple[int, ...], batches: tuple[int, ...], secon
 def served(
     tmp: Path, name: str, xml: Path, shape: str, delays: tuple[int, ...], seconds: float, env: dict
 ) -> dict[str, dict]:
-    """One server holding the model unbatched and batched at each delay; perf_analyzer at 16 against each, in two
-    passes (forward, then backward) whose mean is reported, so a machine that slows down meanwhile favours neither."""
+    """One server holding the model unbatched and batched at each delay; perf_analyzer at 16 against each, in three
+    passes (forward, backward, forward) whose median is reported, so a machine that slows down meanwhile (other jobs
+    share it) favours no configuration; every pass is kept in the JSON."""
     base = xml.parent.parent
     entries = [{"config": {"name": f"{name}-plain", "base_path": str(base), "batch_size": "-1"}}]
     for delay in delays:
@@ -75,13 +76,16 @@ def served(
     labels = {"plain": f"{name}-plain", **{f"delay {d} us": f"{name}-{d}" for d in delays}}
     passes: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     try:
-        for order in (list(labels), list(reversed(labels))):
+        for order in (list(labels), list(reversed(labels)), list(labels)):
             for label in order:
                 passes[label].append(perf_analyzer.run(env, server.address, labels[label], CONCURRENCY, shape,
                                                        seconds))  # fmt: skip
     finally:
         server.stop()
-    return {label: {k: float(np.mean([p[k] for p in runs])) for k in runs[0]} for label, runs in passes.items()}
+    return {
+        label: {**{k: float(np.median([p[k] for p in runs])) for k in runs[0]}, "passes": runs}
+        for label, runs in passes.items()
+    }
 
 
 def main() -> None:
