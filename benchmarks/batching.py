@@ -110,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="1 s measurements (a smoke run)")
+    parser.add_argument("--models", default="mlp,conv224", help="comma-separated subset of mlp,conv224")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
     env = perf_analyzer.ensure()
@@ -118,10 +119,12 @@ def main() -> None:
         tmp = Path(tmp_name)
         mlp = modelgen.mlp(tmp / "mlp" / "1", widths=MLP_WIDTHS)
         conv = modelgen.conv(tmp / "conv" / "1")
-        curves = {
-            "mlp": batch_curve(mlp, (MLP_WIDTHS[0],), (1, 2, 4, 8, 16), seconds),
-            "conv224": batch_curve(conv, (3, 224, 224), (1, 2, 4, 8), seconds * 2),
-        }
+        wanted = args.models.split(",")
+        curves = {}
+        if "mlp" in wanted:
+            curves["mlp"] = batch_curve(mlp, (MLP_WIDTHS[0],), (1, 2, 4, 8, 16), seconds)
+        if "conv224" in wanted:
+            curves["conv224"] = batch_curve(conv, (3, 224, 224), (1, 2, 4, 8), seconds * 2)
         results["in_process"] = curves
         print("\nIn process, one infer request (rows/s; ms per inference); batch -1 as the server batches, and static")
         print(
@@ -132,10 +135,11 @@ def main() -> None:
                 gain = point["rows_per_s"] / curve[1]["rows_per_s"]
                 print(f"{model:<10}{batch:>6}{point['rows_per_s']:>10.0f}{point['ms']:>9.2f}{gain:>11.2f}x"
                       f"{point['static_rows_per_s']:>15.0f}{point['static_ms']:>11.2f}")  # fmt: skip
-        server_results = {
-            "mlp": served(tmp, "mlp", mlp, f"input:1,{MLP_WIDTHS[0]}", DELAYS_US, seconds, env),
-            "conv224": served(tmp, "conv224", conv, "input:1,3,224,224", (1000,), seconds * 2, env),
-        }
+        server_results = {}
+        if "mlp" in wanted:
+            server_results["mlp"] = served(tmp, "mlp", mlp, f"input:1,{MLP_WIDTHS[0]}", DELAYS_US, seconds, env)
+        if "conv224" in wanted:
+            server_results["conv224"] = served(tmp, "conv224", conv, "input:1,3,224,224", (1000,), seconds * 2, env)
     results["served"] = server_results
     print(f"\nThrough the server, perf_analyzer, {CONCURRENCY} concurrent requests (max_batch_size 8)")
     print("(static 1: the model as built; plain: batch_size -1 without batching; the ratio is to the better of both)")
@@ -147,8 +151,9 @@ def main() -> None:
             print(f"{model:<10}{label:<16}{row['throughput']:>10.1f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
                   f"{gain:>13.2f}x")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'batching.json'}")
+    out = RESULTS / ("batching.json" if len(wanted) == 2 else f"batching-{'-'.join(wanted)}.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
