@@ -34,6 +34,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/infer.py
+	$(BIN)/python benchmarks/batching.py
+	$(BIN)/python benchmarks/streaming.py
 	$(BIN)/python benchmarks/grpc_limit.py --profile benchmarks/results/grpc_limit_profile.txt
 	$(BIN)/python benchmarks/traffic.py
 	$(BIN)/python benchmarks/workers.py

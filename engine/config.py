@@ -74,6 +74,27 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class DynamicBatching:
+    """Per model `dynamic_batching`: requests queued for up to max_queue_delay_us are run as one inference."""
+
+    max_batch_size: int = 8  # rows of one batched inference; a request with more rows runs alone
+    max_queue_delay_us: int = 0  # how long the oldest queued request may wait for more rows
+    preferred_batch_sizes: tuple[int, ...] = ()  # a batch of one of these sizes leaves without waiting
+    max_queue_size: int = 64  # requests waiting (the running batches not counted); more → RESOURCE_EXHAUSTED
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> DynamicBatching:
+        """A schema-valid `dynamic_batching` value."""
+        sizes = tuple(sorted(value.get("preferred_batch_sizes", ())))
+        return cls(
+            max_batch_size=value.get("max_batch_size", cls.max_batch_size),
+            max_queue_delay_us=value.get("max_queue_delay_us", cls.max_queue_delay_us),
+            preferred_batch_sizes=sizes,
+            max_queue_size=value.get("max_queue_size", cls.max_queue_size),
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     base_path: Path  # absolute
@@ -87,6 +108,7 @@ class ModelConfig:
     allow_cache: bool = False
     custom_loader_options: Mapping[str, str] | None = None
     routing: Routing = field(default_factory=Routing)  # applied live: never part of a reload
+    dynamic_batching: DynamicBatching | None = None
 
     @property
     def loader_name(self) -> str | None:
@@ -132,7 +154,7 @@ class Config:
 def _compiled_fields(m: ModelConfig) -> tuple[object, ...]:
     return (
         m.base_path, m.target_device, _frozen(m.shape), _typed(m.batch_size), _frozen(m.layout), m.nireq,
-        _frozen(m.plugin_config), m.allow_cache, _frozen(m.custom_loader_options),
+        _frozen(m.plugin_config), m.allow_cache, _frozen(m.custom_loader_options), m.dynamic_batching,
     )  # fmt: skip
 
 
@@ -294,6 +316,7 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
             entry.error("allow_cache", ALLOW_CACHE_WITH_LOADER)
     labels = _labels(entry, raw.get("version_labels", {}))
     traffic = _traffic(entry, raw.get("traffic", {}), labels)
+    batching = _batching(entry, raw, batch, shape)
     if entry.errors:
         return None
     return ModelConfig(
@@ -309,7 +332,36 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
         allow_cache=bool(raw.get("allow_cache", False)),
         custom_loader_options=dict(options) if options is not None else None,
         routing=Routing(labels, traffic),
+        dynamic_batching=batching,
     )
+
+
+BATCHING_NEEDS_RANGE = (
+    'dynamic_batching needs a batch dimension that takes any size up to max_batch_size: set batch_size to "-1" or '
+    'a range such as "1:8" (or use a model with a dynamic batch)'
+)
+
+
+def _batching(
+    entry: _Entry, raw: Mapping[str, Any], batch: int | str | None, shape: Mapping[str | None, ShapeValue] | None
+) -> DynamicBatching | None:
+    """The checks that need no model: the sizes agree, and the configured shapes leave a batch to fill."""
+    if "dynamic_batching" not in raw:
+        return None
+    batching = DynamicBatching.from_json(raw["dynamic_batching"])
+    for i, size in enumerate(raw["dynamic_batching"].get("preferred_batch_sizes", ())):
+        if size > batching.max_batch_size:
+            message = f"preferred batch size {size} is larger than max_batch_size {batching.max_batch_size}"
+            entry.error(["dynamic_batching", "preferred_batch_sizes", i], message)
+    if batch == AUTO or any(v == AUTO for v in (shape or {}).values()):
+        where = "batch_size" if batch == AUTO else "shape"
+        entry.error(where, f"{where} auto reshapes the model for each request and cannot batch: {BATCHING_NEEDS_RANGE}")
+    elif isinstance(batch, int) and batch > 0:
+        entry.error("batch_size", f"batch_size {batch} is a static batch: {BATCHING_NEEDS_RANGE}")
+    elif isinstance(batch, str) and ":" in batch and int(batch.split(":")[1]) < batching.max_batch_size:
+        entry.error("batch_size", f"batch_size {batch} cannot take max_batch_size {batching.max_batch_size} rows "
+                                  "(dynamic_batching): raise the range's maximum or lower max_batch_size")  # fmt: skip
+    return batching
 
 
 def _loader(raw: Mapping[str, Any], root: Path, entry: _Entry) -> LoaderConfig | None:

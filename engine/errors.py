@@ -37,6 +37,7 @@ class Code(Enum):
     INTERNAL_ERROR = ("Internal server error", "INTERNAL", 500)
     REQUEST_TOO_LARGE = ("Request is larger than --max_request_mb", "RESOURCE_EXHAUSTED", 413)
     SHUTTING_DOWN = ("Server is shutting down", "UNAVAILABLE", 503)
+    QUEUE_FULL = ("The model's batching queue is full", "RESOURCE_EXHAUSTED", 429)
 
     @property
     def message(self) -> str:

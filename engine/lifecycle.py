@@ -63,7 +63,7 @@ class Hooks:
 
     Points in a worker thread: "compile" (before the loader and OpenVINO), "loaded" (a loader's buffers handed over,
     before OpenVINO reads them), "compiled" (after), "free" (before the compiled model is dropped and the loader
-    told). On the event loop: "drain" (before waiting for requests).
+    told). On the event loop: "drain" (before waiting for requests), "batch" (a dynamic batch about to run).
     """
 
     def thread(self, point: str, name: str, version: int) -> None:
@@ -155,6 +155,8 @@ class Lifecycle:
                 loaded.unload()  # nothing compiled from this load is left
             raise
         served.origin = loaded
+        if served.batcher is not None:
+            served.batcher.hooks = self.hooks
         return served
 
     def _free_in_thread(self, served: ServedVersion) -> None:

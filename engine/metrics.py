@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,6 +38,8 @@ class ReloadCounts(Protocol):
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SYNC_SECONDS = 0.25  # how stale another worker's state may be in a scrape
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -57,6 +59,15 @@ class Metrics:
             "hotserve_request_duration_seconds", "Inference request latency", ["model", "api"],
             buckets=LATENCY_BUCKETS, registry=self.collectors,
         )  # fmt: skip
+        self.batch_size = Histogram(
+            "hotserve_batch_size", "Rows per inference the dynamic batcher ran (_count: its inferences)", ["model"],
+            buckets=BATCH_BUCKETS, registry=self.collectors,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "hotserve_queue_duration_seconds", "Time a request waited in its model's batching queue", ["model"],
+            buckets=QUEUE_BUCKETS, registry=self.collectors,
+        )  # fmt: skip
+        self._batched: dict[str, tuple[Any, Any]] = {}  # model → its two batching children
         self._fleet: _FleetState | None = None
         if multiprocess:
             from prometheus_client import multiprocess as mp
@@ -102,6 +113,15 @@ class Metrics:
             children[1].inc()
         children[2].observe(seconds)
 
+    def batch(self, model: str, rows: int, queued_seconds: Sequence[float]) -> None:
+        """One inference of a dynamic batcher (batching.BatchObserver); models come from models.json: bounded."""
+        children = self._batched.get(model)
+        if children is None:
+            children = self._batched[model] = (self.batch_size.labels(model), self.queue_time.labels(model))
+        children[0].observe(rows)
+        for seconds in queued_seconds:
+            children[1].observe(seconds)
+
     def render(self) -> bytes:
         self._prune()
         if self._fleet is not None:
@@ -118,6 +138,11 @@ class Metrics:
 
     def _prune(self) -> None:
         """Drop the series of versions the registry forgot and of models it no longer has: bounded series."""
+        for model in [m for m in self._batched if m not in self.registry.models]:
+            del self._batched[model]
+            for histogram in (self.batch_size, self.queue_time):
+                with contextlib.suppress(KeyError):
+                    histogram.remove(model)
         for labels in list(self._series):
             model, version, api, _ = labels
             entry = self.registry.models.get(model) if model else None
@@ -159,7 +184,9 @@ class _StateCollector(Collector):
                 state.add_metric(values, int(status.state))
                 load.add_metric(values, status.load_seconds)
                 cached.add_metric([*values, status.cache], 1.0 if status.loaded_from_cache else 0.0)
-                inflight.add_metric(values, slot.served.inflight if slot.served is not None else 0)
+                served = slot.served
+                batches = served.batcher.running if served is not None and served.batcher is not None else 0
+                inflight.add_metric(values, served.inflight - batches if served is not None else 0)
                 if status.state == State.AVAILABLE and status.cache.startswith("enabled"):
                     hits += status.loaded_from_cache
                     misses += not status.loaded_from_cache

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from . import batching, versions
 from . import cache as cache_rules
-from . import versions
 from .config import AUTO, ModelConfig
 from .plaintext import owned_copy
 from .served import ServedVersion
@@ -153,6 +153,7 @@ class Runtime:
         self.core = ov.Core()
         self.cache = cache
         self.device_override = device_override
+        self.batch_observer: batching.BatchObserver | None = None  # metrics of the batchers made here
 
     def load(
         self, model: ModelConfig, version: int, source: Source, requested: Mapping[str, tuple[int, ...]] | None = None
@@ -273,6 +274,13 @@ class Runtime:
             auto_inputs,
             auto_batch,
         )
+        if model.dynamic_batching is not None:
+            settings = model.dynamic_batching
+            why = batching.problem(model.name, served.inputs, served.outputs, settings.max_batch_size)
+            if why is not None:
+                served.close()
+                raise LoadError(f"dynamic_batching: {why}")
+            served.batcher = batching.Batcher(served, settings, self.batch_observer)
         log.info(
             "Loaded model %s; version: %d; batch size: %s; No of InferRequests: %d; cache: %s; loaded from cache: %s",
             model.name,

@@ -11,12 +11,15 @@ import asyncio
 import ctypes
 import time
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import openvino as ov
 
 from .tensors import OV_TO_KSERVE, TensorSpec
+
+if TYPE_CHECKING:
+    from .batching import Batcher
 
 INLINE_LIMIT_S = 0.0002  # a model this fast runs on the loop: the hop to OpenVINO's thread and back costs more
 SMALL_INPUT_BYTES = 4096  # below this an input is copied (cheaper than wrapping it), above it is wrapped in place
@@ -67,6 +70,7 @@ class ServedVersion:
         self.auto_inputs = auto_inputs  # shape "auto": a request of another shape reshapes this version
         self.auto_batch = auto_batch  # batch_size "auto": a request of another batch reshapes this version
         self.origin: Origin | None = None  # set by the lifecycle for a custom loader's model
+        self.batcher: Batcher | None = None  # set by the runtime for a model with dynamic_batching
         self._requests = [compiled.create_infer_request() for _ in range(nireq)]
         self._idle: asyncio.Queue[tuple[ov.InferRequest, _Call]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

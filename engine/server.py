@@ -13,7 +13,7 @@ import grpc
 from aiohttp import web
 
 from . import cache as cache_rules
-from .frontend import kserve, offload, rest, tfs
+from .frontend import kserve, offload, rest, stream, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
 from .metrics import Metrics
@@ -41,8 +41,10 @@ class Server:
         self.source = config_source(settings)
         cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
         self.registry = Registry()
-        self.reconciler = Reconciler(self.source, self.registry, Runtime(cache))
+        runtime = Runtime(cache)
+        self.reconciler = Reconciler(self.source, self.registry, runtime)
         self.metrics = Metrics(self.registry, self.reconciler, cache, multiprocess=link is not None)
+        runtime.batch_observer = self.metrics
         self.plane = DataPlane(
             self.registry,
             self._reload,
@@ -58,6 +60,7 @@ class Server:
             force_polling=settings.watch_mode == "poll",
         )
         self.health = Health(self.plane)
+        self.streams = stream.Streams()  # ModelStreamInfer's open streams, ended after their in-flight messages
         self.supervisor = Supervisor()  # the watcher and the health sync: restarted if they crash
         self.grpc: grpc.aio.Server | None = None
         self.rest: web.AppRunner | None = None
@@ -87,7 +90,7 @@ class Server:
                 ("grpc.so_reuseport", int(self.link is not None)),
             ]
         )
-        services = [kserve.register(self.grpc, self.plane), *tfs.register(self.grpc, self.plane)]
+        services = [kserve.register(self.grpc, self.plane, self.streams), *tfs.register(self.grpc, self.plane)]
         services.append(self.health.register(self.grpc))
         enable_reflection(self.grpc, services)
         await self.health.start()  # "" NOT_SERVING before the first RPC can ask
@@ -203,6 +206,9 @@ class Server:
         if self.rest is not None:
             fronts.append(self._step("stopping the REST server", self.rest.cleanup()))
         if self.grpc is not None:
+            if self.streams.open:
+                log.info("Ending %d open stream(s) after their in-flight messages", self.streams.open)
+            self.streams.close()  # each stream answers what it read, then ends: the grace below waits for it
             fronts.append(self._step("stopping the gRPC server", self.grpc.stop(SHUTDOWN_GRACE_SECONDS)))
         await asyncio.gather(*fronts)
         offload.shutdown()  # the request decoders: no request is left to decode

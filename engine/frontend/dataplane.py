@@ -183,7 +183,8 @@ class DataPlane:
                         number = served.version
                     else:
                         order = _output_order(served, outputs)
-                        results = await served.infer(feed)
+                        batcher = served.batcher
+                        results = await (served.infer(feed) if batcher is None else batcher.infer(feed))
                 except BaseException:
                     slot.stats.failure += 1
                     slot.stats.failure_ns += time.perf_counter_ns() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -11,7 +12,7 @@ from ..errors import Code, ServingError
 from ..safe_text import safe
 from ..status import State
 from ..tensors import KSERVE_TO_NUMPY, TensorSpec
-from . import codec, kserve_wire, offload
+from . import codec, kserve_wire, offload, stream
 from .dataplane import DataPlane, Tensor, parse_version
 from .generated.inference import grpc_service_pb2 as pb
 from .generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -34,8 +35,9 @@ def _config_type(datatype: str) -> int:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     api = "kserve"
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, streams: stream.Streams) -> None:
         self.plane = plane
+        self.streams = streams
 
     @guarded
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -86,6 +88,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ModelInfer(self, wire: kserve_wire.InferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self.infer_one(wire, context)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[kserve_wire.InferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for response in stream.serve(requests, lambda wire: self.infer_one(wire, context), self.streams):
+            yield response
+
+    async def infer_one(self, wire: kserve_wire.InferRequest, context: Any) -> pb.ModelInferResponse:
+        """One ModelInferRequest answered (ModelInfer, and each message of ModelStreamInfer: the stream's context,
+        whose metadata may carry the routing key)."""
         if wire.malformed is not None:
             raise ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid ModelInferRequest: {wire.malformed}")
         request = wire.message
@@ -183,12 +196,18 @@ def _decode_inputs(wire: kserve_wire.InferRequest) -> list[Tensor]:
     return tensors
 
 
-def register(server: grpc.aio.Server, plane: DataPlane) -> str:
-    servicer = KServeServicer(plane)
+def register(server: grpc.aio.Server, plane: DataPlane, streams: stream.Streams) -> str:
+    servicer = KServeServicer(plane, streams)
     infer = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=kserve_wire.parse,  # raw contents stay views into the received bytes
         response_serializer=pb.ModelInferResponse.SerializeToString,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Replacing(server, {"ModelInfer": infer}))
+    streamed = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=kserve_wire.parse,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    replaced = {"ModelInfer": infer, "ModelStreamInfer": streamed}
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Replacing(server, replaced))
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
