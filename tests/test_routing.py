@@ -250,3 +250,15 @@ async def test_unknown_label_and_bad_version_strings(env: Env) -> None:
     assert bad.value.code == Code.MODEL_VERSION_INVALID_FORMAT
     assert "1.5 is neither a version number nor a version label" in str(bad.value)
     await env.close()
+
+
+@pytest.mark.parametrize("text", ["\u0663", "1_0", " 2", "2 ", "+2", "-1", "\uff12", "9" * 5000])
+def test_a_version_string_is_ascii_digits_or_a_label(text: str) -> None:
+    """Python's int() reads "٣" as 3 and "1_0" as 10: a request version is ASCII digits, or a label, or refused."""
+    from engine.frontend.dataplane import parse_version
+
+    with pytest.raises(ServingError) as bad:
+        parse_version(text)
+    assert bad.value.code == Code.MODEL_VERSION_INVALID_FORMAT, text
+    assert "is neither a version number nor a version label" in str(bad.value)
+    assert parse_version("03") == 3 and parse_version("0") == 0

@@ -24,6 +24,7 @@ from .tensor import Tensor
 __all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "Version", "parse_version", "validate"]
 
 PLATFORM = "OpenVINO"
+MAX_VERSION_DIGITS = 64  # longer than any version number (at most 19 digits), short of int()'s limit
 RESHAPE_ATTEMPTS = 2  # a reshape a concurrent reload superseded is tried once more
 _WALL_MINUS_PERF_NS = time.time_ns() - time.perf_counter_ns()  # wall time from the request's perf_counter reading
 
@@ -60,14 +61,13 @@ def parse_version(text: str) -> Version:
     """KServe sends versions as strings: "" = default, a number, or a version label."""
     if text == "":
         return None
-    try:
+    if text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS:  # int() would take "٣", "1_0", " 2"
         return int(text)
-    except ValueError:
-        if label_problem(text) is None:
-            return text
-        raise ServingError(
-            Code.MODEL_VERSION_INVALID_FORMAT, f"{safe(text)} is neither a version number nor a version label"
-        ) from None
+    if label_problem(text) is None:
+        return text
+    raise ServingError(
+        Code.MODEL_VERSION_INVALID_FORMAT, f"{safe(text)} is neither a version number nor a version label"
+    )
 
 
 class DataPlane:
