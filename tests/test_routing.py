@@ -218,14 +218,14 @@ async def test_traffic_draws_only_weighted_available_versions_and_logs_once(env:
     caplog.set_level(logging.INFO, "hotserve")
     got = [(await env.infer("m"))[0] for _ in range(200)]
     assert set(got) == {1, 2}, "version 3 has no weight: never drawn"
-    env.model("m", model_version_policy={"specific": {"versions": [1, 3]}}, traffic={"1": 1, "2": 1})
+    env.drop_version("m", 2)  # its folder deleted: the policy retires it, its weight stays configured
     assert (await env.reload()).ok
     await env.reconciler.settle()
     got = [(await env.infer("m"))[0] for _ in range(200)]
     assert set(got) == {1}, "version 2 retired: its weight goes to version 1"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Traffic of model m")]
     assert lines == ["Traffic of model m: version 1 100 % (not AVAILABLE, their weight goes to the others: 2)"]
-    env.model("m", model_version_policy={"specific": {"versions": [3]}}, traffic={"1": 1, "2": 1})
+    env.drop_version("m", 1)
     assert (await env.reload()).ok
     with pytest.raises(ServingError) as caught:
         await env.infer("m")
@@ -262,3 +262,19 @@ def test_a_version_string_is_ascii_digits_or_a_label(text: str) -> None:
     assert bad.value.code == Code.MODEL_VERSION_INVALID_FORMAT, text
     assert "is neither a version number nor a version label" in str(bad.value)
     assert parse_version("03") == 3 and parse_version("0") == 0
+
+
+@aio
+async def test_a_label_moved_to_a_version_the_same_edit_retires_is_refused(env: Env) -> None:
+    """Moving `stable` to version 4 while the specific policy drops 4 would move the label at once (4 is AVAILABLE)
+    and then retire 4 under it, with version 3 AVAILABLE: the entry is a config error and nothing changes."""
+    for v in (3, 4):
+        env.version("m", v)
+    env.model("m", model_version_policy={"specific": {"versions": [3, 4]}}, version_labels={"stable": 3})
+    assert (await env.reload()).ok
+    env.model("m", model_version_policy={"specific": {"versions": [3]}}, version_labels={"stable": 4})
+    result = await env.reload()
+    await env.reconciler.settle()
+    assert not result.ok and "version 4 is not in model_version_policy specific versions [3]" in result.errors[0]
+    assert env.state("m", 4) == State.AVAILABLE and await by_label(env, "stable") == 3, "the entry stays as it was"
+    await env.close()
