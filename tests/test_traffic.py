@@ -36,6 +36,7 @@ from engine.frontend.generated.tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+from engine.frontend.routing_wire import MAX_ROUTE_KEY
 from engine.routing import NO_ROUTES, resolve
 
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
@@ -196,6 +197,22 @@ def test_weights_are_followed_sticky_with_a_route_key_and_edited_live(env: Env) 
     bad = {"parameters": {"route_key": [1]}, "inputs": REST_INPUTS}
     code, error = http("POST", f"{env.base}/v2/models/m/infer", bad)
     assert code == 400 and "parameters.route_key must be a string or an integer" in error["error"]
+    with pytest.raises(InferenceServerException) as named:  # checked the same on every protocol, version or not
+        env.infer("3", parameters={"route_key": True})
+    assert named.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert http("POST", f"{env.base}/v2/models/m/versions/3/infer", bad)[0] == 400
+    # a key is hashed on the event loop: a client cannot make it cost more than MAX_ROUTE_KEY characters
+    longest = "k" * MAX_ROUTE_KEY
+    assert env.infer(parameters={"route_key": longest}) == env.infer(headers={"hotserve-route-key": longest})
+    for where in ("parameters", "headers"):
+        key = {"route_key" if where == "parameters" else "hotserve-route-key": longest + "k"}
+        with pytest.raises(InferenceServerException) as huge:
+            env.infer(**{where: key})
+        assert huge.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert f"route key is {MAX_ROUTE_KEY + 1} characters; at most {MAX_ROUTE_KEY}" in huge.value.message()
+    code, error = http("POST", f"{env.base}/v2/models/m/infer", {"parameters": {"route_key": longest + "k"},
+                                                                 "inputs": REST_INPUTS})  # fmt: skip
+    assert code == 400 and f"at most {MAX_ROUTE_KEY}" in error["error"]
     # promote: the canary gets everything, then the stable label moves; nothing is reloaded
     env.edit(r"Traffic of model m: version 2 100 %", labels={"stable": 1, "canary": 2}, traffic={"canary": 100})
     assert {env.infer() for _ in range(50)} == {2}
