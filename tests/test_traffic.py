@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, model_entry
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 from stats import binomial_bound, random_keys
@@ -165,6 +166,21 @@ def test_labels_over_tf_serving_kserve_and_rest(env: Env) -> None:
     code, config = http("GET", f"{env.base}/v1/config")
     entries = {e["version"]: (e["labels"], e["pending_labels"]) for e in config["m"]["model_version_status"]}
     assert entries == {"1": (["stable"], []), "2": (["canary"], []), "3": ([], [])}
+
+    # health of "m" says what a request naming no version gets: with no weighted version AVAILABLE, NOT_SERVING
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(env.server.address))
+
+    def model_health() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service="m")).status
+
+    assert model_health() == health_pb2.HealthCheckResponse.SERVING
+    env.edit(r"Traffic of model m: no version it weighs is AVAILABLE \(9\)", labels={"stable": 1}, traffic={"9": 1})
+    with pytest.raises(InferenceServerException) as none:
+        env.infer()
+    assert none.value.status() == "StatusCode.NOT_FOUND"
+    wait_until(lambda: model_health() == health_pb2.HealthCheckResponse.NOT_SERVING, "health to follow the traffic")
+    env.edit(r"Traffic of model m: version 1 100 %", labels={"stable": 1}, traffic={"stable": 1, "9": 1})
+    wait_until(lambda: model_health() == health_pb2.HealthCheckResponse.SERVING, "health to follow the traffic")
 
 
 def test_weights_are_followed_sticky_with_a_route_key_and_edited_live(env: Env) -> None:
