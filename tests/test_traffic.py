@@ -149,6 +149,12 @@ def test_labels_over_tf_serving_kserve_and_rest(env: Env) -> None:
     assert env.infer("canary") == 2 and env.infer("stable") == 1 and env.infer("3") == 3 and env.infer() == 3
     assert env.triton.is_model_ready("m", "canary")
     assert env.triton.get_model_metadata("m", "canary").name == "m"
+    stats = env.triton.get_inference_statistics("m", "canary").model_stats
+    assert [s.version for s in stats] == ["2"]
+    with pytest.raises(InferenceServerException) as nameless:  # a label belongs to one model
+        env.triton.get_inference_statistics("", "canary")
+    assert nameless.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "version label canary needs a model name" in nameless.value.message()
     with pytest.raises(InferenceServerException) as caught:
         env.infer("nope")
     assert caught.value.status() == "StatusCode.NOT_FOUND" and "version label is not found" in caught.value.message()

@@ -127,6 +127,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = [request.name] if request.name else [v.name for v in self.plane.models()]
         wanted = parse_version(request.version)
         if isinstance(wanted, str):
+            if not request.name:
+                raise ServingError(Code.INVALID_ARGUMENT, f"version label {wanted} needs a model name")
             wanted = self.plane.slot(request.name, wanted)[0]  # a label: the version it serves now
         response = pb.ModelStatisticsResponse()
         for name in names:
