@@ -85,6 +85,9 @@ class Reconciler:
         self._failures: dict[tuple[str, int], _Failure] = {}
         self._pending: list[asyncio.Future[ReloadResult]] = []
         self._runner: asyncio.Task[None] | None = None
+        self._router: asyncio.Task[None] | None = None  # applies labels and weights while a run is loading
+        self._reroute = False  # a trigger came while the router read the file: read it again
+        self._rerouted = False  # the router changed routing: the next run reports it as a change
         self._closing = False
         self.config: Config | None = None
         self.last_result: ReloadResult | None = None
@@ -105,7 +108,27 @@ class Reconciler:
         self._pending.append(fut)
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="reconcile")
+        else:  # the run may compile for minutes: a label or weight edit (a rollback) must not wait for it
+            self._reroute = True
+            if self._router is None or self._router.done():
+                self._router = asyncio.create_task(self._route_now(), name="reroute")
         return fut
+
+    async def _route_now(self) -> None:
+        """Apply the file's labels and weights to the models being served, now; versions are left to the next run
+        (labels are availability-first, so they never point at a version before it is AVAILABLE)."""
+        while self._reroute and not self._closing:
+            self._reroute = False
+            try:
+                config = await asyncio.to_thread(self._source)
+            except ConfigInvalid:
+                return  # the next run reports it
+            except Exception:  # a bug must not go unseen; the next run applies everything anyway
+                log.exception("Applying labels and traffic failed")
+                return
+            for model in config.models:
+                if self._desired.get(model.name) is not None and model.name in self.registry.models:
+                    self._rerouted |= self.lifecycle.route(model.name, model.routing)
 
     async def _run(self) -> None:
         while self._pending and not self._closing:
@@ -162,7 +185,7 @@ class Reconciler:
         errors += await self.loaders.sync(config.loaders, self.lifecycle.in_loader_thread, retry=self._forced_run)
         for error in errors[len(config.errors) :]:
             self._say(logging.ERROR, error)
-        changed = False
+        changed, self._rerouted = self._rerouted, False
         desired = {m.name: m for m in config.models}
         invalid = {name: errs for name, errs in config.model_errors.items() if name not in desired}
         for name, model_errors in invalid.items():
@@ -384,6 +407,8 @@ class Reconciler:
         self.begin_shutdown()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+        if self._router is not None:
+            await asyncio.gather(self._router, return_exceptions=True)
         for fut in self._pending:
             if not fut.done():
                 fut.set_result(ReloadResult(False, False, ("the server is shutting down",)))

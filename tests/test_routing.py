@@ -278,3 +278,32 @@ async def test_a_label_moved_to_a_version_the_same_edit_retires_is_refused(env: 
     assert not result.ok and "version 4 is not in model_version_policy specific versions [3]" in result.errors[0]
     assert env.state("m", 4) == State.AVAILABLE and await by_label(env, "stable") == 3, "the entry stays as it was"
     await env.close()
+
+
+@aio
+async def test_a_traffic_edit_applies_while_another_version_compiles(env: Env) -> None:
+    """A rollback of the weights must not wait for a compile: the run that loads version 3 (held here) would delay
+    the coalesced run that applies the edit until the compile ends, minutes for a large model."""
+    for v in (1, 2):
+        env.version("m", v)
+    env.model("m", model_version_policy={"all": {}}, traffic={"1": 100})
+    assert (await env.reload()).ok
+    env.version("m", 3)
+    gate = env.gates.arm("compile", "m", 3)
+    loading = env.reconciler.trigger(force=True)
+    await gate.reached()
+    env.model("m", model_version_policy={"all": {}}, traffic={"2": 100})
+    env.write()
+    edit = env.reconciler.trigger()
+
+    def routes() -> Routes:
+        return env.registry.models["m"].routes
+
+    await env.until(lambda: routes().drawn == ((2, 100),), "the new weights while version 3 compiles")
+    assert {(await env.infer("m"))[0] for _ in range(20)} == {2}
+    assert env.state("m", 3) == State.LOADING and not loading.done()
+    gate.release()
+    assert (await loading).ok and (await edit).ok
+    assert (await edit).changed, "the run after the compile reports the routing change it carries"
+    assert routes().drawn == ((2, 100),) and env.state("m", 3) == State.AVAILABLE
+    await env.close()
