@@ -307,3 +307,24 @@ async def test_a_traffic_edit_applies_while_another_version_compiles(env: Env) -
     assert (await edit).changed, "the run after the compile reports the routing change it carries"
     assert routes().drawn == ((2, 100),) and env.state("m", 3) == State.AVAILABLE
     await env.close()
+
+
+@aio
+async def test_a_drawn_requests_failure_is_counted_on_the_version_it_was_drawn_to(env: Env) -> None:
+    """The canary's failures are what an operator watches (README: hotserve_request_failures_total{version="4"}):
+    a request drawn to it that fails must count there, not on version ""."""
+    from engine.frontend.dataplane import DataPlane
+    from engine.metrics import Metrics
+
+    for v in (1, 2):
+        env.version("m", v)
+    env.model("m", model_version_policy={"all": {}}, version_labels={"canary": 2}, traffic={"canary": 100})
+    assert (await env.reload()).ok
+    metrics = Metrics(env.registry, env.reconciler, None)
+    plane = DataPlane(env.registry, env.reload, lambda: None, env.reconciler.reshape, observe=metrics.observe)
+    with pytest.raises(ServingError) as bad:
+        await plane.infer("m", None, [Tensor("b", "FP32", (1, 5), X[:, :5])])  # a shape the canary refuses
+    assert bad.value.code == Code.INVALID_SHAPE
+    text = metrics.render().decode()
+    assert 'hotserve_request_failures_total{api="kserve",model="m",version="2",version_label="canary"} 1.0' in text
+    await env.close()

@@ -154,11 +154,13 @@ class DataPlane:
         whose shape differs from an `auto` version's reshapes that version once, then runs.
         """
         started = time.perf_counter_ns()  # the one clock pair of a request: statistics and metrics share it
+        leased: list[int] = []  # the version a lease chose: a failure counts on the version it was drawn to
         try:
-            number, results, elapsed = await self._infer(name, version, inputs, outputs, started, route_key)
+            number, results, elapsed = await self._infer(name, version, inputs, outputs, started, route_key, leased)
         except BaseException:
             if self._observe is not None:
-                self._observe(name, version, api, False, (time.perf_counter_ns() - started) / 1e9)
+                chosen = leased[-1] if leased else version
+                self._observe(name, chosen, api, False, (time.perf_counter_ns() - started) / 1e9)
             raise
         if self._observe is not None:
             self._observe(name, number, api, True, elapsed / 1e9)
@@ -172,11 +174,13 @@ class DataPlane:
         outputs: Sequence[str],
         started: int,
         route_key: str | None,
+        leased: list[int],
     ) -> tuple[int, list[Tensor], int]:
         for attempt in range(RESHAPE_ATTEMPTS + 1):
             async with self.registry.lease(name, version, key=route_key) as slot:
                 served = slot.served
                 assert served is not None
+                leased.append(served.version)
                 try:
                     feed = validate(served, inputs, reshape_allowed=attempt < RESHAPE_ATTEMPTS)
                     if isinstance(feed, Reshape):
