@@ -328,3 +328,48 @@ async def test_a_drawn_requests_failure_is_counted_on_the_version_it_was_drawn_t
     text = metrics.render().decode()
     assert 'hotserve_request_failures_total{api="kserve",model="m",version="2",version_label="canary"} 1.0' in text
     await env.close()
+
+
+@aio
+async def test_a_label_whose_new_version_retires_goes_back_to_its_available_previous_one(env: Env) -> None:
+    """The run loading version 5 read a file that retires version 4; an edit during the compile moves `stable` to
+    4 (AVAILABLE, so at once) and keeps 4. When that run then retires 4, `stable` must not point at a retired
+    version while 3, the one it left, is AVAILABLE: it goes back to 3 until the next run has 4 AVAILABLE again."""
+    for v in (3, 4, 5):
+        env.version("m", v)
+    env.model("m", model_version_policy={"specific": {"versions": [3, 4]}}, version_labels={"stable": 3})
+    assert (await env.reload()).ok
+    first = env.gates.arm("compile", "m", 5)
+    env.model("m", model_version_policy={"specific": {"versions": [3, 5]}}, version_labels={"stable": 3})
+    env.write()
+    loading = env.reconciler.trigger(force=True)
+    await first.reached()
+    env.model("m", model_version_policy={"specific": {"versions": [3, 4, 5]}}, version_labels={"stable": 4})
+    env.write()
+    edit = env.reconciler.trigger(force=True)  # forced: the next run loads version 4 again without a quiet wait
+    model = env.registry.models["m"]
+    await env.until(lambda: model.routes.labels == {"stable": 4}, "the label edit while version 5 compiles")
+    again = env.gates.arm("compile", "m", 4)  # the next run reloads version 4: hold it
+    first.release()
+    assert (await loading).ok
+    await again.reached()
+    assert env.state("m", 4) == State.LOADING, "the first run retired version 4; the next one loads it again"
+    assert model.routes.labels == {"stable": 3} and model.routes.pending == {"stable": 4}
+    assert await by_label(env, "stable") == 3
+    again.release()
+    assert (await edit).ok
+    assert model.routes.labels == {"stable": 4} and await by_label(env, "stable") == 4
+    await env.close()
+
+
+def test_a_label_goes_back_to_the_version_it_left_while_its_own_is_not_available() -> None:
+    moved, _ = resolve("m", Routing({"stable": 4}, ()), {3, 4}, resolve("m", Routing({"stable": 3}, ()), {3, 4},
+                                                                       NO_ROUTES)[0])  # fmt: skip
+    assert moved.labels == {"stable": 4}
+    back, said = resolve("m", Routing({"stable": 4}, ()), {3}, moved)
+    assert back.labels == {"stable": 3} and back.pending == {"stable": 4}
+    assert said == ["Version label stable of model m now points at version 3 (was 4)",
+                    "Version label stable of model m stays on version 3 until version 4 is AVAILABLE"]  # fmt: skip
+    again, _ = resolve("m", Routing({"stable": 4}, ()), {3, 4}, back)
+    assert again.labels == {"stable": 4} and again.pending == {}
+    assert resolve("m", Routing({"stable": 4}, ()), set(), back)[0].labels == {"stable": 4}, "nothing to go back to"
