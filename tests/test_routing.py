@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,41 @@ def test_a_label_goes_back_to_the_version_it_left_while_its_own_is_not_available
     again, _ = resolve("m", Routing({"stable": 4}, ()), {3, 4}, back)
     assert again.labels == {"stable": 4} and again.pending == {}
     assert resolve("m", Routing({"stable": 4}, ()), set(), back)[0].labels == {"stable": 4}, "nothing to go back to"
+
+
+@aio
+async def test_a_run_that_read_the_file_before_an_edit_does_not_undo_it_while_it_compiles(env: Env) -> None:
+    """The run read the file, then the weights were edited: the run applies the routing it read, and the edit must
+    be applied again after that, not before (it would be undone until the run's compiles end)."""
+    for v in (1, 2):
+        env.version("m", v)
+    env.model("m", model_version_policy={"all": {}}, traffic={"1": 100})
+    assert (await env.reload()).ok
+    env.version("m", 3)
+    compiling = env.gates.arm("compile", "m", 3)
+    read, go_on = threading.Event(), threading.Event()
+    source = env.reconciler._source
+
+    def held_once() -> Any:  # the run's read of models.json returns, then waits for the test
+        config = source()
+        if not read.is_set():
+            read.set()
+            assert go_on.wait(30)
+        return config
+
+    env.reconciler._source = held_once
+    loading = env.reconciler.trigger(force=True)
+    assert await asyncio.to_thread(read.wait, 30)
+    env.model("m", model_version_policy={"all": {}}, traffic={"2": 100})
+    env.write()
+    edit = env.reconciler.trigger()
+    if env.reconciler._router is not None:  # a router started before the run's routing: let it finish first
+        await env.reconciler._router
+    go_on.set()
+    await compiling.reached()
+    model = env.registry.models["m"]
+    await env.until(lambda: model.routes.drawn == ((2, 100),), "the edit applied after the run's own routing")
+    assert not loading.done()
+    compiling.release()
+    assert (await loading).ok and (await edit).ok and model.routes.drawn == ((2, 100),)
+    await env.close()
