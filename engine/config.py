@@ -208,7 +208,10 @@ def _labels(entry: _Entry, value: Mapping[str, int]) -> dict[str, int]:
     return labels
 
 
-def _traffic(entry: _Entry, value: Mapping[str, int], labels: Mapping[str, int]) -> tuple[tuple[int | str, int], ...]:
+Traffic = tuple[tuple[int | str, int], ...]
+
+
+def _traffic(entry: _Entry, value: Mapping[str, int], labels: Mapping[str, int]) -> Traffic:
     weights: list[tuple[int | str, int]] = []
     for key, weight in value.items():
         if key.isascii() and VERSION_KEY.fullmatch(key) and int(key) <= MAX_VERSION:
@@ -225,6 +228,18 @@ def _traffic(entry: _Entry, value: Mapping[str, int], labels: Mapping[str, int])
     if value and not any(weight > 0 for _, weight in value.items()):
         entry.error("traffic", "every weight is 0: at least one version must get traffic")
     return tuple(weights)
+
+
+def _within_policy(entry: _Entry, policy: VersionPolicy, labels: Mapping[str, int], traffic: Traffic) -> None:
+    """A specific policy names every version it serves: a label or weight on another would point at a retired one
+    (a label moved to a version this very edit retires would leave its AVAILABLE version for it)."""
+    if policy.kind != "specific":
+        return
+    listed = list(policy.versions)
+    for path, version in [*((["version_labels", k], v) for k, v in labels.items()),
+                          *((["traffic", str(k)], k) for k, _ in traffic if isinstance(k, int))]:  # fmt: skip
+        if version not in policy.versions:
+            entry.error(path, f"version {version} is not in model_version_policy specific versions {listed}")
 
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -317,6 +332,8 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
     labels = _labels(entry, raw.get("version_labels", {}))
     traffic = _traffic(entry, raw.get("traffic", {}), labels)
     batching = _batching(entry, raw, batch, shape)
+    policy = VersionPolicy.from_json(raw.get("model_version_policy"))
+    _within_policy(entry, policy, labels, traffic)
     if entry.errors:
         return None
     return ModelConfig(
@@ -325,7 +342,7 @@ def _model(raw: Mapping[str, Any], root: Path, entry: _Entry, warnings: list[str
         batch_size=batch,
         shape=shape,
         layout=layout,
-        version_policy=VersionPolicy.from_json(raw.get("model_version_policy")),
+        version_policy=policy,
         nireq=raw.get("nireq", 0),
         target_device=raw.get("target_device", "CPU"),
         plugin_config=plugin,

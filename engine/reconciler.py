@@ -85,6 +85,11 @@ class Reconciler:
         self._failures: dict[tuple[str, int], _Failure] = {}
         self._pending: list[asyncio.Future[ReloadResult]] = []
         self._runner: asyncio.Task[None] | None = None
+        self._router: asyncio.Task[None] | None = None  # applies labels and weights while a run is loading
+        self._reroute = False  # a trigger came during the run: its file's routing is to be applied now
+        self._rerouted = False  # the router changed routing: the next run reports it as a change
+        self._routings = 0  # runs that applied their file's routing: a router read older than the last is dropped
+        self._run_routed = False  # the running run has applied its routing (before: it would undo the router's)
         self._closing = False
         self.config: Config | None = None
         self.last_result: ReloadResult | None = None
@@ -105,11 +110,39 @@ class Reconciler:
         self._pending.append(fut)
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="reconcile")
+        else:  # the run may compile for minutes: a label or weight edit (a rollback) must not wait for it
+            self._reroute = True
+            if self._run_routed:
+                self._start_router()
         return fut
+
+    def _start_router(self) -> None:
+        if self._router is None or self._router.done():
+            self._router = asyncio.create_task(self._route_now(), name="reroute")
+
+    async def _route_now(self) -> None:
+        """Apply the file's labels and weights to the models being served, now; versions are left to the next run
+        (labels are availability-first, so they never point at a version before it is AVAILABLE)."""
+        while self._reroute and not self._closing:
+            self._reroute = False
+            routings = self._routings
+            try:
+                config = await asyncio.to_thread(self._source)
+            except ConfigInvalid:
+                return  # the next run reports it
+            except Exception:  # a bug must not go unseen; the next run applies everything anyway
+                log.exception("Applying labels and traffic failed")
+                return
+            if routings != self._routings:
+                continue  # a run applied a file read after this one
+            for model in config.models:
+                if self._desired.get(model.name) is not None and model.name in self.registry.models:
+                    self._rerouted |= self.lifecycle.route(model.name, model.routing)
 
     async def _run(self) -> None:
         while self._pending and not self._closing:
             waiting, self._pending = self._pending, []
+            self._reroute, self._run_routed = False, False  # this run reads the file after these triggers
             self._forced_run, self._force = self._force, False
             if self._forced_run:
                 self._failures.clear()
@@ -162,7 +195,7 @@ class Reconciler:
         errors += await self.loaders.sync(config.loaders, self.lifecycle.in_loader_thread, retry=self._forced_run)
         for error in errors[len(config.errors) :]:
             self._say(logging.ERROR, error)
-        changed = False
+        changed, self._rerouted = self._rerouted, False
         desired = {m.name: m for m in config.models}
         invalid = {name: errs for name, errs in config.model_errors.items() if name not in desired}
         for name, model_errors in invalid.items():
@@ -170,6 +203,10 @@ class Reconciler:
             entry.error = "Invalid config entry: " + "; ".join(f"{e.pointer}: {e.message}" for e in model_errors)
         for model in desired.values():  # before the loads: a label moved to a new version waits for its install
             changed |= self.lifecycle.route(model.name, model.routing)
+        self._routings += 1
+        self._run_routed = True
+        if self._reroute:  # the file changed while this run read it: apply the newer routing now
+            self._start_router()
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(self._model(m)) for m in desired.values()]
         for task in tasks:
@@ -384,6 +421,8 @@ class Reconciler:
         self.begin_shutdown()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)
+        if self._router is not None:
+            await asyncio.gather(self._router, return_exceptions=True)
         for fut in self._pending:
             if not fut.done():
                 fut.set_result(ReloadResult(False, False, ("the server is shutting down",)))

@@ -64,6 +64,11 @@ class Model:
             self._default_known = True
         return self._default
 
+    def main_version(self) -> int | None:
+        """What a request naming no version is served by, for metadata, readiness and health: with `traffic`, the
+        most weighted AVAILABLE version (None when no weighted one is); without, the default version."""
+        return self.routes.main if self.routes.routed else self.default_version()
+
     def changed(self) -> None:
         self._default_known = False
 

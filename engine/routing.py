@@ -4,7 +4,8 @@ Pure and small: the registry rebuilds a model's `Routes` whenever the configured
 version changes (both are written only by the lifecycle), so a request pays a dict lookup, a random draw or a hash.
 
 Labels are availability-first: a label moved to a version that is not AVAILABLE stays on its previous version
-while that one is AVAILABLE, and switches in the same registry write that makes the new one AVAILABLE.
+while that one is AVAILABLE, and switches in the same registry write that makes the new one AVAILABLE; a label whose
+version stops being AVAILABLE goes back to the version it left, while that one is AVAILABLE.
 
 Weights are drawn among the AVAILABLE versions they name (a weight whose version is not AVAILABLE goes to the
 others, in proportion). A routing key picks by weighted rendezvous hashing (highest random weight: score
@@ -38,6 +39,7 @@ class Routes:
 
     labels: Mapping[str, int] = field(default_factory=dict)  # label → the version it serves now
     pending: Mapping[str, int] = field(default_factory=dict)  # label → its configured version, not AVAILABLE yet
+    left: Mapping[str, int] = field(default_factory=dict)  # label → the version it served before its last move
     routed: bool = False
     drawn: tuple[tuple[int, int], ...] = ()  # (version, weight) of the AVAILABLE versions with weight > 0
     idle: tuple[int, ...] = ()  # versions with a weight that are not AVAILABLE (their share goes to the others)
@@ -84,19 +86,28 @@ def resolve(model: str, routing: Routing, available: Iterable[int], before: Rout
     said: list[str] = []
     labels: dict[str, int] = {}
     pending: dict[str, int] = {}
+    left: dict[str, int] = {}
     for label, target in routing.labels.items():
-        previous = before.labels.get(label)
-        if target in ready or previous is None or previous == target or previous not in ready:
-            labels[label] = target  # a new label, or nothing to stay on: requests meet the version as it is
-        else:
+        previous, back = before.labels.get(label), before.left.get(label)
+        if target in ready:
+            labels[label] = target
+        elif previous is not None and previous in ready:
             labels[label] = previous  # availability first: stay until the new version is AVAILABLE
+        elif back is not None and back in ready:
+            labels[label] = back  # its new version stopped being AVAILABLE: back to the one it left, meanwhile
+        else:
+            labels[label] = target  # a new label, or nothing to stay on: requests meet the version as it is
         if labels[label] != target:
             pending[label] = target
+        if previous is not None and previous != labels[label]:
+            left[label] = previous
+        elif back is not None:
+            left[label] = back
         if previous is not None and previous != labels[label]:
             said.append(f"Version label {label} of model {model} now points at version {labels[label]} "
                         f"(was {previous})")  # fmt: skip
         if label in pending and before.pending.get(label) != target:
-            said.append(f"Version label {label} of model {model} stays on version {previous} until version "
+            said.append(f"Version label {label} of model {model} stays on version {labels[label]} until version "
                         f"{target} is AVAILABLE")  # fmt: skip
     weights: dict[int, int] = {}
     for key, weight in routing.traffic:
@@ -128,6 +139,7 @@ def resolve(model: str, routing: Routing, available: Iterable[int], before: Rout
     routes = Routes(
         labels=labels,
         pending=pending,
+        left=left,
         routed=routed,
         drawn=drawn,
         idle=idle,

@@ -81,6 +81,11 @@ SEMANTIC = [
     ({"traffic": {"-1": 10}}, "/traffic/-1", "neither a version number"),
     ({"traffic": {"99999999999999999999": 1}}, "/traffic/99999999999999999999", "neither a version number"),
     ({"traffic": {"1": 0, "2": 0}}, "/traffic", "every weight is 0: at least one version must get traffic"),
+    # a label or weight on a version the specific policy retires would point at a retired version (or weigh nothing)
+    ({"model_version_policy": {"specific": {"versions": [3]}}, "version_labels": {"stable": 4}},
+     "/version_labels/stable", "version 4 is not in model_version_policy specific versions [3]"),
+    ({"model_version_policy": {"specific": {"versions": [1, 3]}}, "traffic": {"1": 5, "2": 5}}, "/traffic/2",
+     "version 2 is not in model_version_policy specific versions [1, 3]"),
 ]
 # fmt: on
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -218,14 +219,14 @@ async def test_traffic_draws_only_weighted_available_versions_and_logs_once(env:
     caplog.set_level(logging.INFO, "hotserve")
     got = [(await env.infer("m"))[0] for _ in range(200)]
     assert set(got) == {1, 2}, "version 3 has no weight: never drawn"
-    env.model("m", model_version_policy={"specific": {"versions": [1, 3]}}, traffic={"1": 1, "2": 1})
+    env.drop_version("m", 2)  # its folder deleted: the policy retires it, its weight stays configured
     assert (await env.reload()).ok
     await env.reconciler.settle()
     got = [(await env.infer("m"))[0] for _ in range(200)]
     assert set(got) == {1}, "version 2 retired: its weight goes to version 1"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Traffic of model m")]
     assert lines == ["Traffic of model m: version 1 100 % (not AVAILABLE, their weight goes to the others: 2)"]
-    env.model("m", model_version_policy={"specific": {"versions": [3]}}, traffic={"1": 1, "2": 1})
+    env.drop_version("m", 1)
     assert (await env.reload()).ok
     with pytest.raises(ServingError) as caught:
         await env.infer("m")
@@ -249,4 +250,165 @@ async def test_unknown_label_and_bad_version_strings(env: Env) -> None:
         parse_version("1.5")
     assert bad.value.code == Code.MODEL_VERSION_INVALID_FORMAT
     assert "1.5 is neither a version number nor a version label" in str(bad.value)
+    await env.close()
+
+
+@pytest.mark.parametrize("text", ["\u0663", "1_0", " 2", "2 ", "+2", "-1", "\uff12", "9" * 5000])
+def test_a_version_string_is_ascii_digits_or_a_label(text: str) -> None:
+    """Python's int() reads "٣" as 3 and "1_0" as 10: a request version is ASCII digits, or a label, or refused."""
+    from engine.frontend.dataplane import parse_version
+
+    with pytest.raises(ServingError) as bad:
+        parse_version(text)
+    assert bad.value.code == Code.MODEL_VERSION_INVALID_FORMAT, text
+    assert "is neither a version number nor a version label" in str(bad.value)
+    assert parse_version("03") == 3 and parse_version("0") == 0
+
+
+@aio
+async def test_a_label_moved_to_a_version_the_same_edit_retires_is_refused(env: Env) -> None:
+    """Moving `stable` to version 4 while the specific policy drops 4 would move the label at once (4 is AVAILABLE)
+    and then retire 4 under it, with version 3 AVAILABLE: the entry is a config error and nothing changes."""
+    for v in (3, 4):
+        env.version("m", v)
+    env.model("m", model_version_policy={"specific": {"versions": [3, 4]}}, version_labels={"stable": 3})
+    assert (await env.reload()).ok
+    env.model("m", model_version_policy={"specific": {"versions": [3]}}, version_labels={"stable": 4})
+    result = await env.reload()
+    await env.reconciler.settle()
+    assert not result.ok and "version 4 is not in model_version_policy specific versions [3]" in result.errors[0]
+    assert env.state("m", 4) == State.AVAILABLE and await by_label(env, "stable") == 3, "the entry stays as it was"
+    await env.close()
+
+
+@aio
+async def test_a_traffic_edit_applies_while_another_version_compiles(env: Env) -> None:
+    """A rollback of the weights must not wait for a compile: the run that loads version 3 (held here) would delay
+    the coalesced run that applies the edit until the compile ends, minutes for a large model."""
+    for v in (1, 2):
+        env.version("m", v)
+    env.model("m", model_version_policy={"all": {}}, traffic={"1": 100})
+    assert (await env.reload()).ok
+    env.version("m", 3)
+    gate = env.gates.arm("compile", "m", 3)
+    loading = env.reconciler.trigger(force=True)
+    await gate.reached()
+    env.model("m", model_version_policy={"all": {}}, traffic={"2": 100})
+    env.write()
+    edit = env.reconciler.trigger()
+
+    def routes() -> Routes:
+        return env.registry.models["m"].routes
+
+    await env.until(lambda: routes().drawn == ((2, 100),), "the new weights while version 3 compiles")
+    assert {(await env.infer("m"))[0] for _ in range(20)} == {2}
+    assert env.state("m", 3) == State.LOADING and not loading.done()
+    gate.release()
+    assert (await loading).ok and (await edit).ok
+    assert (await edit).changed, "the run after the compile reports the routing change it carries"
+    assert routes().drawn == ((2, 100),) and env.state("m", 3) == State.AVAILABLE
+    await env.close()
+
+
+@aio
+async def test_a_drawn_requests_failure_is_counted_on_the_version_it_was_drawn_to(env: Env) -> None:
+    """The canary's failures are what an operator watches (README: hotserve_request_failures_total{version="4"}):
+    a request drawn to it that fails must count there, not on version ""."""
+    from engine.frontend.dataplane import DataPlane
+    from engine.metrics import Metrics
+
+    for v in (1, 2):
+        env.version("m", v)
+    env.model("m", model_version_policy={"all": {}}, version_labels={"canary": 2}, traffic={"canary": 100})
+    assert (await env.reload()).ok
+    metrics = Metrics(env.registry, env.reconciler, None)
+    plane = DataPlane(env.registry, env.reload, lambda: None, env.reconciler.reshape, observe=metrics.observe)
+    with pytest.raises(ServingError) as bad:
+        await plane.infer("m", None, [Tensor("b", "FP32", (1, 5), X[:, :5])])  # a shape the canary refuses
+    assert bad.value.code == Code.INVALID_SHAPE
+    text = metrics.render().decode()
+    assert 'hotserve_request_failures_total{api="kserve",model="m",version="2",version_label="canary"} 1.0' in text
+    await env.close()
+
+
+@aio
+async def test_a_label_whose_new_version_retires_goes_back_to_its_available_previous_one(env: Env) -> None:
+    """The run loading version 5 read a file that retires version 4; an edit during the compile moves `stable` to
+    4 (AVAILABLE, so at once) and keeps 4. When that run then retires 4, `stable` must not point at a retired
+    version while 3, the one it left, is AVAILABLE: it goes back to 3 until the next run has 4 AVAILABLE again."""
+    for v in (3, 4, 5):
+        env.version("m", v)
+    env.model("m", model_version_policy={"specific": {"versions": [3, 4]}}, version_labels={"stable": 3})
+    assert (await env.reload()).ok
+    first = env.gates.arm("compile", "m", 5)
+    env.model("m", model_version_policy={"specific": {"versions": [3, 5]}}, version_labels={"stable": 3})
+    env.write()
+    loading = env.reconciler.trigger(force=True)
+    await first.reached()
+    env.model("m", model_version_policy={"specific": {"versions": [3, 4, 5]}}, version_labels={"stable": 4})
+    env.write()
+    edit = env.reconciler.trigger(force=True)  # forced: the next run loads version 4 again without a quiet wait
+    model = env.registry.models["m"]
+    await env.until(lambda: model.routes.labels == {"stable": 4}, "the label edit while version 5 compiles")
+    again = env.gates.arm("compile", "m", 4)  # the next run reloads version 4: hold it
+    first.release()
+    assert (await loading).ok
+    await again.reached()
+    assert env.state("m", 4) == State.LOADING, "the first run retired version 4; the next one loads it again"
+    assert model.routes.labels == {"stable": 3} and model.routes.pending == {"stable": 4}
+    assert await by_label(env, "stable") == 3
+    again.release()
+    assert (await edit).ok
+    assert model.routes.labels == {"stable": 4} and await by_label(env, "stable") == 4
+    await env.close()
+
+
+def test_a_label_goes_back_to_the_version_it_left_while_its_own_is_not_available() -> None:
+    moved, _ = resolve("m", Routing({"stable": 4}, ()), {3, 4}, resolve("m", Routing({"stable": 3}, ()), {3, 4},
+                                                                       NO_ROUTES)[0])  # fmt: skip
+    assert moved.labels == {"stable": 4}
+    back, said = resolve("m", Routing({"stable": 4}, ()), {3}, moved)
+    assert back.labels == {"stable": 3} and back.pending == {"stable": 4}
+    assert said == ["Version label stable of model m now points at version 3 (was 4)",
+                    "Version label stable of model m stays on version 3 until version 4 is AVAILABLE"]  # fmt: skip
+    again, _ = resolve("m", Routing({"stable": 4}, ()), {3, 4}, back)
+    assert again.labels == {"stable": 4} and again.pending == {}
+    assert resolve("m", Routing({"stable": 4}, ()), set(), back)[0].labels == {"stable": 4}, "nothing to go back to"
+
+
+@aio
+async def test_a_run_that_read_the_file_before_an_edit_does_not_undo_it_while_it_compiles(env: Env) -> None:
+    """The run read the file, then the weights were edited: the run applies the routing it read, and the edit must
+    be applied again after that, not before (it would be undone until the run's compiles end)."""
+    for v in (1, 2):
+        env.version("m", v)
+    env.model("m", model_version_policy={"all": {}}, traffic={"1": 100})
+    assert (await env.reload()).ok
+    env.version("m", 3)
+    compiling = env.gates.arm("compile", "m", 3)
+    read, go_on = threading.Event(), threading.Event()
+    source = env.reconciler._source
+
+    def held_once() -> Any:  # the run's read of models.json returns, then waits for the test
+        config = source()
+        if not read.is_set():
+            read.set()
+            assert go_on.wait(30)
+        return config
+
+    env.reconciler._source = held_once
+    loading = env.reconciler.trigger(force=True)
+    assert await asyncio.to_thread(read.wait, 30)
+    env.model("m", model_version_policy={"all": {}}, traffic={"2": 100})
+    env.write()
+    edit = env.reconciler.trigger()
+    if env.reconciler._router is not None:  # a router started before the run's routing: let it finish first
+        await env.reconciler._router
+    go_on.set()
+    await compiling.reached()
+    model = env.registry.models["m"]
+    await env.until(lambda: model.routes.drawn == ((2, 100),), "the edit applied after the run's own routing")
+    assert not loading.done()
+    compiling.release()
+    assert (await loading).ok and (await edit).ok and model.routes.drawn == ((2, 100),)
     await env.close()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, model_entry
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 from stats import binomial_bound, random_keys
@@ -36,6 +37,7 @@ from engine.frontend.generated.tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+from engine.frontend.routing_wire import MAX_ROUTE_KEY
 from engine.routing import NO_ROUTES, resolve
 
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
@@ -147,6 +149,12 @@ def test_labels_over_tf_serving_kserve_and_rest(env: Env) -> None:
     assert env.infer("canary") == 2 and env.infer("stable") == 1 and env.infer("3") == 3 and env.infer() == 3
     assert env.triton.is_model_ready("m", "canary")
     assert env.triton.get_model_metadata("m", "canary").name == "m"
+    stats = env.triton.get_inference_statistics("m", "canary").model_stats
+    assert [s.version for s in stats] == ["2"]
+    with pytest.raises(InferenceServerException) as nameless:  # a label belongs to one model
+        env.triton.get_inference_statistics("", "canary")
+    assert nameless.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "version label canary needs a model name" in nameless.value.message()
     with pytest.raises(InferenceServerException) as caught:
         env.infer("nope")
     assert caught.value.status() == "StatusCode.NOT_FOUND" and "version label is not found" in caught.value.message()
@@ -164,6 +172,21 @@ def test_labels_over_tf_serving_kserve_and_rest(env: Env) -> None:
     code, config = http("GET", f"{env.base}/v1/config")
     entries = {e["version"]: (e["labels"], e["pending_labels"]) for e in config["m"]["model_version_status"]}
     assert entries == {"1": (["stable"], []), "2": (["canary"], []), "3": ([], [])}
+
+    # health of "m" says what a request naming no version gets: with no weighted version AVAILABLE, NOT_SERVING
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(env.server.address))
+
+    def model_health() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service="m")).status
+
+    assert model_health() == health_pb2.HealthCheckResponse.SERVING
+    env.edit(r"Traffic of model m: no version it weighs is AVAILABLE \(9\)", labels={"stable": 1}, traffic={"9": 1})
+    with pytest.raises(InferenceServerException) as none:
+        env.infer()
+    assert none.value.status() == "StatusCode.NOT_FOUND"
+    wait_until(lambda: model_health() == health_pb2.HealthCheckResponse.NOT_SERVING, "health to follow the traffic")
+    env.edit(r"Traffic of model m: version 1 100 %", labels={"stable": 1}, traffic={"stable": 1, "9": 1})
+    wait_until(lambda: model_health() == health_pb2.HealthCheckResponse.SERVING, "health to follow the traffic")
 
 
 def test_weights_are_followed_sticky_with_a_route_key_and_edited_live(env: Env) -> None:
@@ -196,6 +219,22 @@ def test_weights_are_followed_sticky_with_a_route_key_and_edited_live(env: Env) 
     bad = {"parameters": {"route_key": [1]}, "inputs": REST_INPUTS}
     code, error = http("POST", f"{env.base}/v2/models/m/infer", bad)
     assert code == 400 and "parameters.route_key must be a string or an integer" in error["error"]
+    with pytest.raises(InferenceServerException) as named:  # checked the same on every protocol, version or not
+        env.infer("3", parameters={"route_key": True})
+    assert named.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert http("POST", f"{env.base}/v2/models/m/versions/3/infer", bad)[0] == 400
+    # a key is hashed on the event loop: a client cannot make it cost more than MAX_ROUTE_KEY characters
+    longest = "k" * MAX_ROUTE_KEY
+    assert env.infer(parameters={"route_key": longest}) == env.infer(headers={"hotserve-route-key": longest})
+    for where in ("parameters", "headers"):
+        key = {"route_key" if where == "parameters" else "hotserve-route-key": longest + "k"}
+        with pytest.raises(InferenceServerException) as huge:
+            env.infer(**{where: key})
+        assert huge.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert f"route key is {MAX_ROUTE_KEY + 1} characters; at most {MAX_ROUTE_KEY}" in huge.value.message()
+    code, error = http("POST", f"{env.base}/v2/models/m/infer", {"parameters": {"route_key": longest + "k"},
+                                                                 "inputs": REST_INPUTS})  # fmt: skip
+    assert code == 400 and f"at most {MAX_ROUTE_KEY}" in error["error"]
     # promote: the canary gets everything, then the stable label moves; nothing is reloaded
     env.edit(r"Traffic of model m: version 2 100 %", labels={"stable": 1, "canary": 2}, traffic={"canary": 100})
     assert {env.infer() for _ in range(50)} == {2}

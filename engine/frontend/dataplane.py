@@ -24,6 +24,7 @@ from .tensor import Tensor
 __all__ = ["DataPlane", "Metadata", "ModelView", "Tensor", "Version", "parse_version", "validate"]
 
 PLATFORM = "OpenVINO"
+MAX_VERSION_DIGITS = 64  # longer than any version number (at most 19 digits), short of int()'s limit
 RESHAPE_ATTEMPTS = 2  # a reshape a concurrent reload superseded is tried once more
 _WALL_MINUS_PERF_NS = time.time_ns() - time.perf_counter_ns()  # wall time from the request's perf_counter reading
 
@@ -60,14 +61,13 @@ def parse_version(text: str) -> Version:
     """KServe sends versions as strings: "" = default, a number, or a version label."""
     if text == "":
         return None
-    try:
+    if text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS:  # int() would take "٣", "1_0", " 2"
         return int(text)
-    except ValueError:
-        if label_problem(text) is None:
-            return text
-        raise ServingError(
-            Code.MODEL_VERSION_INVALID_FORMAT, f"{safe(text)} is neither a version number nor a version label"
-        ) from None
+    if label_problem(text) is None:
+        return text
+    raise ServingError(
+        Code.MODEL_VERSION_INVALID_FORMAT, f"{safe(text)} is neither a version number nor a version label"
+    )
 
 
 class DataPlane:
@@ -154,11 +154,13 @@ class DataPlane:
         whose shape differs from an `auto` version's reshapes that version once, then runs.
         """
         started = time.perf_counter_ns()  # the one clock pair of a request: statistics and metrics share it
+        leased: list[int] = []  # the version a lease chose: a failure counts on the version it was drawn to
         try:
-            number, results, elapsed = await self._infer(name, version, inputs, outputs, started, route_key)
+            number, results, elapsed = await self._infer(name, version, inputs, outputs, started, route_key, leased)
         except BaseException:
             if self._observe is not None:
-                self._observe(name, version, api, False, (time.perf_counter_ns() - started) / 1e9)
+                chosen = leased[-1] if leased else version
+                self._observe(name, chosen, api, False, (time.perf_counter_ns() - started) / 1e9)
             raise
         if self._observe is not None:
             self._observe(name, number, api, True, elapsed / 1e9)
@@ -172,11 +174,13 @@ class DataPlane:
         outputs: Sequence[str],
         started: int,
         route_key: str | None,
+        leased: list[int],
     ) -> tuple[int, list[Tensor], int]:
         for attempt in range(RESHAPE_ATTEMPTS + 1):
             async with self.registry.lease(name, version, key=route_key) as slot:
                 served = slot.served
                 assert served is not None
+                leased.append(served.version)
                 try:
                     feed = validate(served, inputs, reshape_allowed=attempt < RESHAPE_ATTEMPTS)
                     if isinstance(feed, Reshape):

@@ -1,9 +1,10 @@
 """grpc.health.v1 for Kubernetes probes, and server reflection for grpcurl.
 
-Service "" is SERVING once the initial reconcile is done; a model's name is SERVING while it has an AVAILABLE
-version. Statuses are synced from the registry on a short period rather than pushed from the reconciler: versions also
-change outside a reconcile (a retired one reaches END when its requests drain, an `auto` reshape swaps one in), and
-polling the registry sees all of them while nothing on the loading path knows about the front end.
+Service "" is SERVING once the initial reconcile is done; a model's name is SERVING while a request naming no
+version would be served (an AVAILABLE version; with `traffic`, a weighted one). Statuses are synced from the registry
+on a short period rather than pushed from the reconciler: versions also change outside a reconcile (a retired one
+reaches END when its requests drain, an `auto` reshape swaps one in), and polling the registry sees all of them while
+nothing on the loading path knows about the front end.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Health:
         serving = self.plane.ready and not self.plane.draining
         wanted = {"": SERVING if serving else NOT_SERVING}
         for view in self.plane.models():
-            available = self.plane.registry.model(view.name).default_version()
+            available = self.plane.registry.model(view.name).main_version()  # what a request naming none gets
             wanted[view.name] = SERVING if serving and available else NOT_SERVING
         for name, status in wanted.items():
             if self._known.get(name) != status:

@@ -105,7 +105,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         inputs = await offload.decode(wire.size, _decode_inputs, wire)
         outputs = [o.name for o in request.outputs]
         version = parse_version(request.model_version)
-        key = route_key(request.parameters, context) if not version and self.plane.routed(request.model_name) else None
+        key = route_key(request.parameters, context, not version and self.plane.routed(request.model_name))
         version, results = await self.plane.infer(request.model_name, version, inputs, outputs, route_key=key)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version), id=request.id)
         for tensor in results:
@@ -140,6 +140,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names = [request.name] if request.name else [v.name for v in self.plane.models()]
         wanted = parse_version(request.version)
         if isinstance(wanted, str):
+            if not request.name:
+                raise ServingError(Code.INVALID_ARGUMENT, f"version label {wanted} needs a model name")
             wanted = self.plane.slot(request.name, wanted)[0]  # a label: the version it serves now
         response = pb.ModelStatisticsResponse()
         for name in names:

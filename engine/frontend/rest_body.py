@@ -9,6 +9,7 @@ from typing import Any
 from .. import safe_json
 from ..errors import Code, ServingError
 from ..safe_text import safe
+from .routing_wire import checked
 from .tensor import MAX_DIMS, Tensor, make_tensor
 
 MAX_DEPTH = MAX_DIMS + 4  # body → inputs → input → data, then one level per dim
@@ -67,5 +68,5 @@ def parse_infer(body: bytes) -> InferBody:
     key = parameters.get("route_key")
     if key is not None and (isinstance(key, bool) or not isinstance(key, str | int)):
         raise _bad("parameters.route_key must be a string or an integer")
-    key = str(key) if key is not None and key != "" else None
+    key = checked(str(key)) if key is not None else None
     return InferBody(tuple(inputs), tuple(o["name"] for o in outputs), doc.get("id"), "id" in doc, key)

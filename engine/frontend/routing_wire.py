@@ -10,6 +10,7 @@ from ..errors import Code, ServingError
 ROUTE_KEY_METADATA = "hotserve-route-key"  # gRPC metadata, on KServe and TF Serving requests alike
 ROUTE_KEY_PARAMETER = "route_key"  # a KServe request parameter (gRPC `parameters`, REST JSON `parameters`)
 KEY_KINDS = frozenset({"string_param", "int64_param", "uint64_param"})
+MAX_ROUTE_KEY = 1024  # characters: a key is hashed on the event loop, per request
 LABELS_NOTE = "; labels: "
 PENDING = " (pending)"
 
@@ -18,23 +19,33 @@ class _Context(Protocol):
     def invocation_metadata(self) -> Any: ...
 
 
+def checked(key: str) -> str | None:
+    """A routing key as given ("" = none), refused when longer than MAX_ROUTE_KEY."""
+    if len(key) > MAX_ROUTE_KEY:
+        raise ServingError(Code.INVALID_ARGUMENT, f"route key is {len(key)} characters; at most {MAX_ROUTE_KEY}")
+    return key or None
+
+
 def metadata_key(context: _Context) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == ROUTE_KEY_METADATA:
-            return value if isinstance(value, str) and value else None
+            return checked(value) if isinstance(value, str) else None
     return None
 
 
-def route_key(parameters: Mapping[str, Any], context: _Context) -> str | None:
-    """The request's routing key: the KServe `route_key` parameter, else the `hotserve-route-key` metadata."""
+def route_key(parameters: Mapping[str, Any], context: _Context, used: bool) -> str | None:
+    """The request's routing key: the KServe `route_key` parameter, else the `hotserve-route-key` metadata.
+
+    The parameter is checked on every request, as REST checks its body; the key is read only when `used` (a request
+    without a version to a model with traffic)."""
     if ROUTE_KEY_PARAMETER in parameters:
         param = parameters[ROUTE_KEY_PARAMETER]
         which = param.WhichOneof("parameter_choice")
         if which not in KEY_KINDS:
             raise ServingError(Code.INVALID_ARGUMENT, "parameter route_key must be a string or an integer")
-        value = getattr(param, which)
-        return str(value) if value != "" else None
-    return metadata_key(context)
+        key = checked(str(getattr(param, which)))
+        return key if used else None
+    return metadata_key(context) if used else None
 
 
 def labels_note(labels: tuple[str, ...], pending: tuple[str, ...]) -> str:
