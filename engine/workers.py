@@ -151,10 +151,7 @@ class WorkerSupervisor:
                 del self._restart_at[index]
                 self._start(index, settings)
         timeout = max(0.0, min(self._restart_at.values()) - now) if self._restart_at else None
-        waitables: list[Connection | socket.socket | int] = [self._wake_r]
-        for worker in self._workers.values():
-            waitables += [worker.conn, worker.process.sentinel]
-        for ready in wait(waitables, timeout):
+        for ready in wait(self._waitables(), timeout):
             if ready is self._wake_r:
                 self._on_signals()
                 continue
@@ -163,6 +160,12 @@ class WorkerSupervisor:
                     self._read(worker, settings)
                 elif ready == worker.process.sentinel:
                     self._exited(worker)
+
+    def _waitables(self) -> list[Connection | socket.socket | int]:
+        waitables: list[Connection | socket.socket | int] = [self._wake_r]
+        for worker in self._workers.values():
+            waitables += [worker.process.sentinel] if worker.conn.closed else [worker.conn, worker.process.sentinel]
+        return waitables
 
     def _start(self, index: int, settings: Settings) -> None:
         parent, child = self._context.Pipe(duplex=True)
@@ -177,8 +180,9 @@ class WorkerSupervisor:
         try:
             while worker.conn.poll():
                 self._message(worker, worker.conn.recv(), settings)
-        except (EOFError, OSError):
-            pass  # the worker is exiting: its sentinel says so
+        except (EOFError, OSError):  # the worker is exiting (its sentinel says when): EOF would stay readable
+            worker.conn.close()
+            self._unanswered(worker)
 
     def _message(self, worker: _Worker, message: object, settings: Settings) -> None:
         if isinstance(message, Ready):
@@ -231,6 +235,13 @@ class WorkerSupervisor:
             with contextlib.suppress(OSError):
                 asker.conn.send(FleetReloaded(fleet.asker_request, combine(fleet.results, fleet.missing)))
 
+    def _unanswered(self, worker: _Worker) -> None:
+        """Its pipe is gone: the fleet reloads it had not answered count it as exited before it reloaded."""
+        for request, fleet in list(self._reloads.items()):
+            if worker.index in fleet.waiting:
+                fleet.missing[worker.index] = fleet.waiting.pop(worker.index)
+                self._finish_reload(request)
+
     # ---- exits and restarts ----
     def _exited(self, worker: _Worker) -> None:
         worker.process.join()
@@ -241,10 +252,7 @@ class WorkerSupervisor:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # its live gauges go; its counters stay
-        for request, fleet in list(self._reloads.items()):
-            if worker.index in fleet.waiting:
-                fleet.missing[worker.index] = fleet.waiting.pop(worker.index)
-                self._finish_reload(request)
+        self._unanswered(worker)
         if self._stopping:
             log.info("Worker %d (pid %s) stopped (%s)", worker.index, pid, _exit_text(code))
             if code and code > 0 and not self._exit_code:  # killed by our SIGTERM before its handler: no error

@@ -7,6 +7,7 @@ the workers' own log lines (each names its pid) and from the endpoints, never fr
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -15,20 +16,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import grpc
 import modelgen
 import numpy as np
 import pytest
+import scripted_worker
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, ServerProcess, model_entry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.settings import Settings
 from engine.status import ReloadResult
-from engine.workers import combine
+from engine.workers import WorkerSupervisor, _Worker, combine
 
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -260,3 +264,28 @@ def test_fleet_reload_result_names_the_worker_that_failed() -> None:
     assert not gone.ok and gone.errors == ("worker 2 (pid 22): exited before it reloaded",)
     both = combine({1: (11, ok), 2: (22, ok)}, {})
     assert both.ok and not both.changed and both.errors == ()
+
+
+def test_a_worker_whose_pipe_closed_is_waited_for_by_its_exit_alone(tmp_path: Path) -> None:
+    """A worker closes its pipe before its last teardown (threads, atexit): EOF stays readable, so the supervisor
+    must stop waiting on that pipe or its loop spins at 100 % CPU until the worker has exited."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe(duplex=True)
+    go = context.Event()
+    process = context.Process(target=scripted_worker.close_pipe_then_wait, args=(child, go))
+    process.start()
+    child.close()
+    settings = Settings(grpc_workers=2)
+    supervisor = WorkerSupervisor(settings)
+    supervisor.metrics_dir = tmp_path
+    supervisor._workers[1] = _Worker(1, process, parent, time.monotonic(), ready=True)
+    try:
+        supervisor._step(settings)  # returns once the pipe reads EOF (the process still runs: it waits for `go`)
+        assert process.is_alive() and 1 in supervisor._workers
+        assert wait(supervisor._waitables(), 0) == []  # nothing is ready: the next step blocks, it does not spin
+        go.set()
+        supervisor._step(settings)  # its exit
+        assert supervisor._workers == {} and process.exitcode == 0
+    finally:
+        go.set()
+        process.join()
