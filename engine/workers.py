@@ -51,9 +51,9 @@ class _Worker:
 
 @dataclass
 class _FleetReload:
-    """One fleet reload: who asked, and the answers still awaited (worker index → pid)."""
+    """One fleet reload: who asked (None: SIGHUP), and the answers still awaited (worker index → pid)."""
 
-    asker: int
+    asker: _Worker | None  # the process itself: a restarted worker at its index did not ask
     asker_request: int
     waiting: dict[int, int]
     results: dict[int, tuple[int, ReloadResult]] = field(default_factory=dict)
@@ -206,13 +206,17 @@ class WorkerSupervisor:
             self._reloaded(worker.index, message.request, message.result)
 
     # ---- fleet reloads ----
-    def _begin_reload(self, asker: _Worker, asker_request: int) -> None:
+    def _begin_reload(self, asker: _Worker | None, asker_request: int = 0) -> None:
+        """Every running worker reloads, one still starting too: its initial load may have read the files before the
+        change (and with watching off nothing else would apply it); it answers once it has started."""
         request, self._next_reload = self._next_reload, self._next_reload + 1
-        targets = {w.index: w for w in self._workers.values() if w.ready}  # one starting now reads the files anyway
-        targets[asker.index] = asker
-        fleet = _FleetReload(asker.index, asker_request, {i: w.process.pid or 0 for i, w in targets.items()})
+        targets = {w.index: w for w in self._workers.values() if not w.conn.closed}
+        fleet = _FleetReload(asker, asker_request, {i: w.process.pid or 0 for i, w in targets.items()})
         self._reloads[request] = fleet
-        log.info("Reload requested through worker %d: reloading %d worker(s)", asker.index, len(targets))
+        if asker is None:
+            log.info("SIGHUP: reloading %d worker(s)", len(targets))
+        else:
+            log.info("Reload requested through worker %d: reloading %d worker(s)", asker.index, len(targets))
         for worker in targets.values():
             with contextlib.suppress(OSError):  # it is exiting: _exited() answers for it
                 worker.conn.send(Reload(request))
@@ -230,10 +234,15 @@ class WorkerSupervisor:
         if fleet.waiting:
             return
         del self._reloads[request]
-        asker = self._workers.get(fleet.asker)
-        if asker is not None:
+        result = combine(fleet.results, fleet.missing)
+        if fleet.asker is None:
+            if result.ok:
+                log.info("Reload on SIGHUP done: OK (%d worker(s))", len(fleet.results))
+            else:
+                log.error("Reload on SIGHUP done with %d error(s): %s", len(result.errors), "; ".join(result.errors))
+        elif self._workers.get(fleet.asker.index) is fleet.asker:
             with contextlib.suppress(OSError):
-                asker.conn.send(FleetReloaded(fleet.asker_request, combine(fleet.results, fleet.missing)))
+                fleet.asker.conn.send(FleetReloaded(fleet.asker_request, result))
 
     def _unanswered(self, worker: _Worker) -> None:
         """Its pipe is gone: the fleet reloads it had not answered count it as exited before it reloaded."""
@@ -291,8 +300,7 @@ class WorkerSupervisor:
         signals, self._signals = self._signals, []
         for sig in signals:
             if sig == signal.SIGHUP:
-                log.info("SIGHUP: reloading every worker")
-                self._signal_all(signal.SIGHUP, ready_only=True)  # one starting reads the files anyway
+                self._begin_reload(None)  # over the pipes: a worker still starting has no SIGHUP handler yet
             else:
                 self._stop(signal.Signals(sig))
 
@@ -304,9 +312,9 @@ class WorkerSupervisor:
         self._restart_at.clear()
         self._signal_all(signal.SIGTERM)
 
-    def _signal_all(self, sig: signal.Signals, ready_only: bool = False) -> None:
+    def _signal_all(self, sig: signal.Signals) -> None:
         for worker in self._workers.values():
-            if worker.process.pid is not None and (worker.ready or not ready_only):
+            if worker.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, sig)
 

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ import tritonclient.grpc as grpcclient
 from conftest import ROOT, ServerProcess, model_entry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import free_port
+from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.settings import Settings
@@ -289,3 +291,79 @@ def test_a_worker_whose_pipe_closed_is_waited_for_by_its_exit_alone(tmp_path: Pa
     finally:
         go.set()
         process.join()
+
+
+def test_a_worker_still_starting_takes_part_in_reloads_and_does_not_join_the_ports_once_stopped(
+    tmp_path: Path, serve, build: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Watching off: only reloads apply an edit. A restarted worker whose initial load read the config before the edit
+    (its load held in the test loader) must reload too, or it serves the old config until the next reload."""
+    modelgen.add_const(tmp_path / "m" / "1")
+    modelgen.add_const(tmp_path / "h" / "1")
+    modelgen.add_const(tmp_path / "m2" / "1", delta=2.0)
+    hold, calls = tmp_path / "hold", tmp_path / "calls.log"
+    (tmp_path / "loader.cfg").write_text(f"CALL_LOG {calls}\n")
+    options = {"loader_name": "test", "model_file": "model.xml", "bin_file": "model.bin", "hold_file": str(hold)}
+    config = tmp_path / "models.json"
+
+    def apply(*extra: str) -> None:
+        config.write_text(json.dumps({
+            "custom_loader_config_list": [{"config": {"loader_name": "test",
+                                                      "library_path": str(BUILD / "libtestloader.so"),
+                                                      "loader_config_file": str(tmp_path / "loader.cfg")}}],
+            "model_config_list": [model_entry("m", tmp_path / "m"),
+                                  model_entry("h", tmp_path / "h", custom_loader_options=options),
+                                  *(model_entry(name, tmp_path / name) for name in extra)],
+        }))  # fmt: skip
+
+    def held_loads() -> int:
+        return len(re.findall(r"^load_model h 1$", calls.read_text(), re.M))
+
+    def restart_worker_2_held(pid: int) -> tuple[int, int]:
+        """SIGKILL worker 2 with the hold in place: → (log mark, new pid), its initial load held (config read)."""
+        hold.touch()
+        mark, held = len(server.log), held_loads()
+        os.kill(pid, signal.SIGKILL)
+        new_pid = int(server.wait_for(r"Worker 2 started \(pid (\d+)\)", start=mark).group(1))
+        until("its load of h held", lambda: held_loads() > held, server)
+        return mark, new_pid
+
+    apply()
+    rest_port = free_port()
+    server = serve(config, "--grpc_workers", "2", "--rest_port", str(rest_port), "--file_system_poll_wait_seconds", "0")
+    available, retired = (
+        'STATUS CHANGE: Version 1 of model m2 .*"AVAILABLE"',
+        'STATUS CHANGE: Version 1 of model m2 .*"END"',
+    )
+
+    # a reload request while worker 2 is starting: answered once it, too, has reloaded
+    mark, second = restart_worker_2_held(worker_pids(server)[1])
+    apply("m2")
+    answer: list[dict] = []
+    request = urllib.request.Request(f"http://127.0.0.1:{rest_port}/v1/config/reload", b"", method="POST")
+    asking = threading.Thread(
+        target=lambda: answer.append(json.loads(urllib.request.urlopen(request, timeout=120).read()))
+    )
+    asking.start()
+    server.wait_for(r"Reload requested through worker 1: reloading (\d+) worker", start=mark)
+    hold.unlink()
+    asking.join(120)
+    assert answer and answer[0]["_last_reload"]["ok"], answer
+    assert logged_by(server, second, available), server.log[mark:][-3000:]  # before the answer, as worker 1 did
+
+    # SIGHUP while worker 2 is starting: it reloads too (the supervisor logs the fleet's result)
+    mark, third = restart_worker_2_held(second)
+    apply()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"SIGHUP: reloading \d+ worker", start=mark)
+    hold.unlink()
+    server.wait_for(r"Reload on SIGHUP done: OK", start=mark)
+    assert logged_by(server, third, retired), server.log[mark:][-3000:]
+
+    # SIGTERM while worker 2 is starting: it stops without ever joining the shared ports
+    mark, fourth = restart_worker_2_held(third)
+    server.signal(signal.SIGTERM)
+    server.wait_for(rf"\[{fourth}\]\[hotserve.server\]\[INFO\] SIGTERM: health is NOT_SERVING", start=mark)
+    hold.unlink()
+    assert server.proc.wait(60) == 0, server.log[mark:][-3000:]
+    assert logged_by(server, fourth, "Shutdown complete") and not logged_by(server, fourth, "Started gRPC server")
