@@ -367,3 +367,50 @@ def test_a_worker_still_starting_takes_part_in_reloads_and_does_not_join_the_por
     hold.unlink()
     assert server.proc.wait(60) == 0, server.log[mark:][-3000:]
     assert logged_by(server, fourth, "Shutdown complete") and not logged_by(server, fourth, "Started gRPC server")
+
+
+def test_a_fleet_reload_answers_the_process_that_asked_not_a_restarted_worker_at_its_index(tmp_path: Path) -> None:
+    """Worker 2 asks (its request 1) and dies; its successor asks its own request 1 while worker 1 still reloads
+    for the first: the first reload's answer must not reach the successor as the answer to its request."""
+    context = multiprocessing.get_context("spawn")
+    settings = Settings(grpc_workers=2)
+    supervisor = WorkerSupervisor(settings)
+    supervisor.metrics_dir = tmp_path
+    go_1, go_2 = context.Event(), context.Event()
+    report_r, report_w = context.Pipe(duplex=False)
+    processes = []
+
+    def add(index: int, target, *args) -> _Worker:  # type: ignore[no-untyped-def]
+        parent, child = context.Pipe(duplex=True)
+        process = context.Process(target=target, args=(child, *args))
+        process.start()
+        child.close()
+        processes.append(process)
+        supervisor._workers[index] = _Worker(index, process, parent, time.monotonic(), ready=True)
+        return supervisor._workers[index]
+
+    try:
+        add(1, scripted_worker.answer_when_told, go_1)
+        add(2, scripted_worker.ask_then_exit, go_2)
+        while not supervisor._reloads:
+            supervisor._step(settings)  # worker 2's FleetReload
+        go_2.set()
+        while 2 in supervisor._workers:
+            supervisor._step(settings)  # its exit
+        supervisor._restart_at.clear()  # its successor is the scripted one below
+        add(2, scripted_worker.ask_and_report, report_w)
+        while len(supervisor._reloads) < 2:
+            supervisor._step(settings)  # the successor's FleetReload
+        go_1.set()
+        while supervisor._reloads:
+            supervisor._step(settings)  # worker 1's answers to both, the successor's to its own
+        assert report_r.poll(60)
+        answer = report_r.recv()
+        assert answer.ok and answer.errors == (), answer  # not "worker 2 (pid …): exited before it reloaded"
+    finally:
+        go_1.set()
+        go_2.set()
+        for worker in supervisor._workers.values():
+            worker.conn.close()
+        for process in processes:
+            process.join(60)
