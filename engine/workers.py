@@ -87,7 +87,11 @@ def _clean_stale_metrics_dirs() -> None:
     """Metrics dirs of earlier supervisors that died without cleaning up (named after their pid)."""
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
         pid = path.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
-        if not pid.isdigit() or path.stat().st_uid != os.getuid():
+        try:
+            mine = path.lstat().st_uid == os.getuid()
+        except OSError:  # another supervisor starting now removed it first
+            continue
+        if not pid.isdigit() or not mine:
             continue
         try:
             os.kill(int(pid), 0)
