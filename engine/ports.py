@@ -43,7 +43,11 @@ def _reserve(host: str, port: int) -> socket.socket:
         candidates = [(family, address[:2]) for family, _, _, _, address in infos]
     error: OSError | None = None
     for family, address in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)  # EAFNOSUPPORT where IPv6 is off in the kernel
+        except OSError as exc:
+            error = exc
+            continue
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -97,7 +97,8 @@ class Server:
         if self.link is None:
             await self._listen(max_request)
         result = await self.reconciler.trigger()
-        if self.link is not None:  # a worker joins the shared ports once it can serve: the kernel routes to it at once
+        # a worker joins the shared ports once it can serve (the kernel routes to it at once), unless already stopping
+        if self.link is not None and not self._stop.is_set():
             await self._listen(max_request)
         self.plane.ready = True
         log.info(

@@ -51,9 +51,9 @@ class _Worker:
 
 @dataclass
 class _FleetReload:
-    """One fleet reload: who asked, and the answers still awaited (worker index → pid)."""
+    """One fleet reload: who asked (None: SIGHUP), and the answers still awaited (worker index → pid)."""
 
-    asker: int
+    asker: _Worker | None  # the process itself: a restarted worker at its index did not ask
     asker_request: int
     waiting: dict[int, int]
     results: dict[int, tuple[int, ReloadResult]] = field(default_factory=dict)
@@ -87,7 +87,11 @@ def _clean_stale_metrics_dirs() -> None:
     """Metrics dirs of earlier supervisors that died without cleaning up (named after their pid)."""
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
         pid = path.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
-        if not pid.isdigit() or path.stat().st_uid != os.getuid():
+        try:
+            mine = path.lstat().st_uid == os.getuid()
+        except OSError:  # another supervisor starting now removed it first
+            continue
+        if not pid.isdigit() or not mine:
             continue
         try:
             os.kill(int(pid), 0)
@@ -151,10 +155,7 @@ class WorkerSupervisor:
                 del self._restart_at[index]
                 self._start(index, settings)
         timeout = max(0.0, min(self._restart_at.values()) - now) if self._restart_at else None
-        waitables: list[Connection | socket.socket | int] = [self._wake_r]
-        for worker in self._workers.values():
-            waitables += [worker.conn, worker.process.sentinel]
-        for ready in wait(waitables, timeout):
+        for ready in wait(self._waitables(), timeout):
             if ready is self._wake_r:
                 self._on_signals()
                 continue
@@ -163,6 +164,12 @@ class WorkerSupervisor:
                     self._read(worker, settings)
                 elif ready == worker.process.sentinel:
                     self._exited(worker)
+
+    def _waitables(self) -> list[Connection | socket.socket | int]:
+        waitables: list[Connection | socket.socket | int] = [self._wake_r]
+        for worker in self._workers.values():
+            waitables += [worker.process.sentinel] if worker.conn.closed else [worker.conn, worker.process.sentinel]
+        return waitables
 
     def _start(self, index: int, settings: Settings) -> None:
         parent, child = self._context.Pipe(duplex=True)
@@ -177,8 +184,9 @@ class WorkerSupervisor:
         try:
             while worker.conn.poll():
                 self._message(worker, worker.conn.recv(), settings)
-        except (EOFError, OSError):
-            pass  # the worker is exiting: its sentinel says so
+        except (EOFError, OSError):  # the worker is exiting (its sentinel says when): EOF would stay readable
+            worker.conn.close()
+            self._unanswered(worker)
 
     def _message(self, worker: _Worker, message: object, settings: Settings) -> None:
         if isinstance(message, Ready):
@@ -202,13 +210,17 @@ class WorkerSupervisor:
             self._reloaded(worker.index, message.request, message.result)
 
     # ---- fleet reloads ----
-    def _begin_reload(self, asker: _Worker, asker_request: int) -> None:
+    def _begin_reload(self, asker: _Worker | None, asker_request: int = 0) -> None:
+        """Every running worker reloads, one still starting too: its initial load may have read the files before the
+        change (and with watching off nothing else would apply it); it answers once it has started."""
         request, self._next_reload = self._next_reload, self._next_reload + 1
-        targets = {w.index: w for w in self._workers.values() if w.ready}  # one starting now reads the files anyway
-        targets[asker.index] = asker
-        fleet = _FleetReload(asker.index, asker_request, {i: w.process.pid or 0 for i, w in targets.items()})
+        targets = {w.index: w for w in self._workers.values() if not w.conn.closed}
+        fleet = _FleetReload(asker, asker_request, {i: w.process.pid or 0 for i, w in targets.items()})
         self._reloads[request] = fleet
-        log.info("Reload requested through worker %d: reloading %d worker(s)", asker.index, len(targets))
+        if asker is None:
+            log.info("SIGHUP: reloading %d worker(s)", len(targets))
+        else:
+            log.info("Reload requested through worker %d: reloading %d worker(s)", asker.index, len(targets))
         for worker in targets.values():
             with contextlib.suppress(OSError):  # it is exiting: _exited() answers for it
                 worker.conn.send(Reload(request))
@@ -226,10 +238,22 @@ class WorkerSupervisor:
         if fleet.waiting:
             return
         del self._reloads[request]
-        asker = self._workers.get(fleet.asker)
-        if asker is not None:
+        result = combine(fleet.results, fleet.missing)
+        if fleet.asker is None:
+            if result.ok:
+                log.info("Reload on SIGHUP done: OK (%d worker(s))", len(fleet.results))
+            else:
+                log.error("Reload on SIGHUP done with %d error(s): %s", len(result.errors), "; ".join(result.errors))
+        elif self._workers.get(fleet.asker.index) is fleet.asker:
             with contextlib.suppress(OSError):
-                asker.conn.send(FleetReloaded(fleet.asker_request, combine(fleet.results, fleet.missing)))
+                fleet.asker.conn.send(FleetReloaded(fleet.asker_request, result))
+
+    def _unanswered(self, worker: _Worker) -> None:
+        """Its pipe is gone: the fleet reloads it had not answered count it as exited before it reloaded."""
+        for request, fleet in list(self._reloads.items()):
+            if worker.index in fleet.waiting:
+                fleet.missing[worker.index] = fleet.waiting.pop(worker.index)
+                self._finish_reload(request)
 
     # ---- exits and restarts ----
     def _exited(self, worker: _Worker) -> None:
@@ -241,10 +265,7 @@ class WorkerSupervisor:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # its live gauges go; its counters stay
-        for request, fleet in list(self._reloads.items()):
-            if worker.index in fleet.waiting:
-                fleet.missing[worker.index] = fleet.waiting.pop(worker.index)
-                self._finish_reload(request)
+        self._unanswered(worker)
         if self._stopping:
             log.info("Worker %d (pid %s) stopped (%s)", worker.index, pid, _exit_text(code))
             if code and code > 0 and not self._exit_code:  # killed by our SIGTERM before its handler: no error
@@ -283,8 +304,7 @@ class WorkerSupervisor:
         signals, self._signals = self._signals, []
         for sig in signals:
             if sig == signal.SIGHUP:
-                log.info("SIGHUP: reloading every worker")
-                self._signal_all(signal.SIGHUP, ready_only=True)  # one starting reads the files anyway
+                self._begin_reload(None)  # over the pipes: a worker still starting has no SIGHUP handler yet
             else:
                 self._stop(signal.Signals(sig))
 
@@ -296,9 +316,9 @@ class WorkerSupervisor:
         self._restart_at.clear()
         self._signal_all(signal.SIGTERM)
 
-    def _signal_all(self, sig: signal.Signals, ready_only: bool = False) -> None:
+    def _signal_all(self, sig: signal.Signals) -> None:
         for worker in self._workers.values():
-            if worker.process.pid is not None and (worker.ready or not ready_only):
+            if worker.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.process.pid, sig)
 

@@ -7,28 +7,34 @@ the workers' own log lines (each names its pid) and from the endpoints, never fr
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import grpc
 import modelgen
 import numpy as np
 import pytest
+import scripted_worker
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, ServerProcess, model_entry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import free_port
+from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.settings import Settings
 from engine.status import ReloadResult
-from engine.workers import combine
+from engine.workers import WorkerSupervisor, _Worker, combine
 
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -260,3 +266,151 @@ def test_fleet_reload_result_names_the_worker_that_failed() -> None:
     assert not gone.ok and gone.errors == ("worker 2 (pid 22): exited before it reloaded",)
     both = combine({1: (11, ok), 2: (22, ok)}, {})
     assert both.ok and not both.changed and both.errors == ()
+
+
+def test_a_worker_whose_pipe_closed_is_waited_for_by_its_exit_alone(tmp_path: Path) -> None:
+    """A worker closes its pipe before its last teardown (threads, atexit): EOF stays readable, so the supervisor
+    must stop waiting on that pipe or its loop spins at 100 % CPU until the worker has exited."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe(duplex=True)
+    go = context.Event()
+    process = context.Process(target=scripted_worker.close_pipe_then_wait, args=(child, go))
+    process.start()
+    child.close()
+    settings = Settings(grpc_workers=2)
+    supervisor = WorkerSupervisor(settings)
+    supervisor.metrics_dir = tmp_path
+    supervisor._workers[1] = _Worker(1, process, parent, time.monotonic(), ready=True)
+    try:
+        supervisor._step(settings)  # returns once the pipe reads EOF (the process still runs: it waits for `go`)
+        assert process.is_alive() and 1 in supervisor._workers
+        assert wait(supervisor._waitables(), 0) == []  # nothing is ready: the next step blocks, it does not spin
+        go.set()
+        supervisor._step(settings)  # its exit
+        assert supervisor._workers == {} and process.exitcode == 0
+    finally:
+        go.set()
+        process.join()
+
+
+def test_a_worker_still_starting_takes_part_in_reloads_and_does_not_join_the_ports_once_stopped(
+    tmp_path: Path, serve, build: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Watching off: only reloads apply an edit. A restarted worker whose initial load read the config before the edit
+    (its load held in the test loader) must reload too, or it serves the old config until the next reload."""
+    modelgen.add_const(tmp_path / "m" / "1")
+    modelgen.add_const(tmp_path / "h" / "1")
+    modelgen.add_const(tmp_path / "m2" / "1", delta=2.0)
+    hold, calls = tmp_path / "hold", tmp_path / "calls.log"
+    (tmp_path / "loader.cfg").write_text(f"CALL_LOG {calls}\n")
+    options = {"loader_name": "test", "model_file": "model.xml", "bin_file": "model.bin", "hold_file": str(hold)}
+    config = tmp_path / "models.json"
+
+    def apply(*extra: str) -> None:
+        config.write_text(json.dumps({
+            "custom_loader_config_list": [{"config": {"loader_name": "test",
+                                                      "library_path": str(BUILD / "libtestloader.so"),
+                                                      "loader_config_file": str(tmp_path / "loader.cfg")}}],
+            "model_config_list": [model_entry("m", tmp_path / "m"),
+                                  model_entry("h", tmp_path / "h", custom_loader_options=options),
+                                  *(model_entry(name, tmp_path / name) for name in extra)],
+        }))  # fmt: skip
+
+    def held_loads() -> int:
+        return len(re.findall(r"^load_model h 1$", calls.read_text(), re.M))
+
+    def restart_worker_2_held(pid: int) -> tuple[int, int]:
+        """SIGKILL worker 2 with the hold in place: → (log mark, new pid), its initial load held (config read)."""
+        hold.touch()
+        mark, held = len(server.log), held_loads()
+        os.kill(pid, signal.SIGKILL)
+        new_pid = int(server.wait_for(r"Worker 2 started \(pid (\d+)\)", start=mark).group(1))
+        until("its load of h held", lambda: held_loads() > held, server)
+        return mark, new_pid
+
+    apply()
+    rest_port = free_port()
+    server = serve(config, "--grpc_workers", "2", "--rest_port", str(rest_port), "--file_system_poll_wait_seconds", "0")
+    available, retired = (
+        'STATUS CHANGE: Version 1 of model m2 .*"AVAILABLE"',
+        'STATUS CHANGE: Version 1 of model m2 .*"END"',
+    )
+
+    # a reload request while worker 2 is starting: answered once it, too, has reloaded
+    mark, second = restart_worker_2_held(worker_pids(server)[1])
+    apply("m2")
+    answer: list[dict] = []
+    request = urllib.request.Request(f"http://127.0.0.1:{rest_port}/v1/config/reload", b"", method="POST")
+    asking = threading.Thread(
+        target=lambda: answer.append(json.loads(urllib.request.urlopen(request, timeout=120).read()))
+    )
+    asking.start()
+    server.wait_for(r"Reload requested through worker 1: reloading (\d+) worker", start=mark)
+    hold.unlink()
+    asking.join(120)
+    assert answer and answer[0]["_last_reload"]["ok"], answer
+    assert logged_by(server, second, available), server.log[mark:][-3000:]  # before the answer, as worker 1 did
+
+    # SIGHUP while worker 2 is starting: it reloads too (the supervisor logs the fleet's result)
+    mark, third = restart_worker_2_held(second)
+    apply()
+    server.signal(signal.SIGHUP)
+    server.wait_for(r"SIGHUP: reloading \d+ worker", start=mark)
+    hold.unlink()
+    server.wait_for(r"Reload on SIGHUP done: OK", start=mark)
+    assert logged_by(server, third, retired), server.log[mark:][-3000:]
+
+    # SIGTERM while worker 2 is starting: it stops without ever joining the shared ports
+    mark, fourth = restart_worker_2_held(third)
+    server.signal(signal.SIGTERM)
+    server.wait_for(rf"\[{fourth}\]\[hotserve.server\]\[INFO\] SIGTERM: health is NOT_SERVING", start=mark)
+    hold.unlink()
+    assert server.proc.wait(60) == 0, server.log[mark:][-3000:]
+    assert logged_by(server, fourth, "Shutdown complete") and not logged_by(server, fourth, "Started gRPC server")
+
+
+def test_a_fleet_reload_answers_the_process_that_asked_not_a_restarted_worker_at_its_index(tmp_path: Path) -> None:
+    """Worker 2 asks (its request 1) and dies; its successor asks its own request 1 while worker 1 still reloads
+    for the first: the first reload's answer must not reach the successor as the answer to its request."""
+    context = multiprocessing.get_context("spawn")
+    settings = Settings(grpc_workers=2)
+    supervisor = WorkerSupervisor(settings)
+    supervisor.metrics_dir = tmp_path
+    go_1, go_2 = context.Event(), context.Event()
+    report_r, report_w = context.Pipe(duplex=False)
+    processes = []
+
+    def add(index: int, target, *args) -> _Worker:  # type: ignore[no-untyped-def]
+        parent, child = context.Pipe(duplex=True)
+        process = context.Process(target=target, args=(child, *args))
+        process.start()
+        child.close()
+        processes.append(process)
+        supervisor._workers[index] = _Worker(index, process, parent, time.monotonic(), ready=True)
+        return supervisor._workers[index]
+
+    try:
+        add(1, scripted_worker.answer_when_told, go_1)
+        add(2, scripted_worker.ask_then_exit, go_2)
+        while not supervisor._reloads:
+            supervisor._step(settings)  # worker 2's FleetReload
+        go_2.set()
+        while 2 in supervisor._workers:
+            supervisor._step(settings)  # its exit
+        supervisor._restart_at.clear()  # its successor is the scripted one below
+        add(2, scripted_worker.ask_and_report, report_w)
+        while len(supervisor._reloads) < 2:
+            supervisor._step(settings)  # the successor's FleetReload
+        go_1.set()
+        while supervisor._reloads:
+            supervisor._step(settings)  # worker 1's answers to both, the successor's to its own
+        assert report_r.poll(60)
+        answer = report_r.recv()
+        assert answer.ok and answer.errors == (), answer  # not "worker 2 (pid …): exited before it reloaded"
+    finally:
+        go_1.set()
+        go_2.set()
+        for worker in supervisor._workers.values():
+            worker.conn.close()
+        for process in processes:
+            process.join(60)

@@ -1,0 +1,51 @@
+"""Scripted stand-ins for a worker at the other end of the supervisor's pipe: real spawned processes, real pipes,
+for what a real server cannot be made to do on cue (close its pipe and linger, answer a reload late)."""
+
+from __future__ import annotations
+
+import contextlib
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
+
+from engine.status import ReloadResult
+from engine.worker_link import FleetReload, FleetReloaded, Reload, Reloaded
+
+
+def close_pipe_then_wait(conn: Connection, go: Event) -> None:
+    """A worker past `link.close()` still tearing down (threads, atexit): its pipe is at EOF, it has not exited."""
+    conn.close()
+    go.wait()
+
+
+def ask_then_exit(conn: Connection, go: Event) -> None:
+    """Asks for a fleet reload (its request 1), then dies when told, before the answer."""
+    conn.send(FleetReload(1))
+    go.wait()
+
+
+def answer_when_told(conn: Connection, go: Event) -> None:
+    """Answers the supervisor's reloads, but only once `go` is set: a slow reload (a long compile, say)."""
+    asked: list[int] = []
+    while True:
+        message = conn.recv()
+        if isinstance(message, Reload):
+            asked.append(message.request)
+        if len(asked) == 2:
+            break
+    go.wait()
+    for request in asked:
+        conn.send(Reloaded(request, ReloadResult(ok=True, changed=True)))
+    with contextlib.suppress(EOFError):
+        conn.recv()  # alive until the test closes the pipe
+
+
+def ask_and_report(conn: Connection, report: Connection) -> None:
+    """A restarted worker at the asker's index: asks its own request 1 and reports the first answer it gets."""
+    conn.send(FleetReload(1))
+    while True:
+        message = conn.recv()
+        if isinstance(message, Reload):
+            conn.send(Reloaded(message.request, ReloadResult(ok=True, changed=True)))
+        elif isinstance(message, FleetReloaded):
+            report.send(message.result)
+            return
