@@ -82,3 +82,13 @@ def test_unreachable_server_exits_non_zero() -> None:
     assert result.returncode != 0
     assert "cannot reach 127.0.0.1:1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_labels_are_read_only_from_the_note_hotserve_appends() -> None:
+    from engine.frontend.routing_wire import labels_note, split_labels
+
+    reason = "cache: enabled" + labels_note(("stable", "canary"), ("next",))
+    assert split_labels(reason) == ("cache: enabled", "stable, canary, next (pending)")
+    error = "Cannot compile model: layer x; labels: are wrong here"  # an error text that merely says "; labels: "
+    assert split_labels(error) == (error, "")
+    assert split_labels(error + labels_note(("stable",), ())) == (error, "stable")

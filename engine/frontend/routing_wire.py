@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -54,7 +55,11 @@ def labels_note(labels: tuple[str, ...], pending: tuple[str, ...]) -> str:
     return LABELS_NOTE + ", ".join(names) if names else ""
 
 
+_NOTED = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*(?: \(pending\))?(?:, [A-Za-z_][A-Za-z0-9_.-]*(?: \(pending\))?)*")
+
+
 def split_labels(reason: str) -> tuple[str, str]:
-    """(reason, labels text) of a reason that labels_note extended."""
+    """(reason, labels text) of a reason that labels_note extended; an error text that merely contains the note's
+    wording (after it, anything but label names) keeps its text."""
     head, found, tail = reason.rpartition(LABELS_NOTE)
-    return (head, tail) if found else (reason, "")
+    return (head, tail) if found and _NOTED.fullmatch(tail) else (reason, "")
