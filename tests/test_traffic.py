@@ -180,7 +180,10 @@ def test_labels_over_tf_serving_kserve_and_rest(env: Env) -> None:
         return health.Check(health_pb2.HealthCheckRequest(service="m")).status
 
     assert model_health() == health_pb2.HealthCheckResponse.SERVING
-    env.edit(r"Traffic of model m: no version it weighs is AVAILABLE \(9\)", labels={"stable": 1}, traffic={"9": 1})
+    env.edit(r"Traffic of model m: no version it weighs is AVAILABLE \(9\)", labels={"stable": 1, "next": 9},
+             traffic={"9": 1})  # fmt: skip
+    code, config = http("GET", f"{env.base}/v1/config")  # a label on a version with no entry is shown, not lost
+    assert code == 200 and config["m"]["labels_waiting"] == {"next": "9"}
     with pytest.raises(InferenceServerException) as none:
         env.infer()
     assert none.value.status() == "StatusCode.NOT_FOUND"

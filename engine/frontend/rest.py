@@ -58,6 +58,11 @@ def config_status(plane: DataPlane) -> dict[str, Any]:
                 for s in view.versions
             ]
         }
+        listed = {s.version for s in view.versions}
+        named = {**view.routes.labels, **view.routes.pending}  # each label's configured version
+        waiting = {label: v for label, v in named.items() if v not in listed}
+        if waiting:  # labels on a version hotserve has no entry for (not on disk yet): shown, not lost
+            body[view.name]["labels_waiting"] = {label: str(v) for label, v in sorted(waiting.items())}
     return body
 
 
