@@ -138,6 +138,31 @@ async def test_queue_full_is_resource_exhausted_at_once_and_the_running_batch_is
 
 
 @aio
+async def test_a_preferred_size_leaves_at_once_when_more_rows_queued_meanwhile(env: Env) -> None:
+    env.version("m", 1, shape=(-1, 10))
+    batching = {"max_batch_size": 8, "preferred_batch_sizes": [4], "max_queue_delay_us": 10_000_000}
+    env.model("m", nireq=1, dynamic_batching=batching)
+    assert (await env.reload()).ok
+    batcher = env.served("m", 1).batcher
+    gate = env.gates.arm("batch", "m", 1)
+    running = asyncio.create_task(infer(env, rows(8, 0)))  # max_batch_size rows: leaves at once, held
+    await gate.reached()
+    queued = [asyncio.create_task(infer(env, rows(1, i))) for i in range(8, 13)]  # 5 rows queue behind it
+    await env.until(lambda: batcher.waiting == 5, "five requests queued behind the held batch")
+    second = env.gates.arm("batch", "m", 1)
+    gate.release()
+    await second.reached()  # without waiting the 10 s delay: the first four rows are a preferred size
+    assert batcher.waiting == 1
+    more = [asyncio.create_task(infer(env, rows(1, i))) for i in range(13, 16)]  # 1 + 3 rows: preferred again
+    second.release()
+    answers = await asyncio.gather(running, *queued, *more)
+    for (_, out), x in zip(answers, [rows(8, 0), *(rows(1, i) for i in range(8, 16))], strict=True):
+        assert out.tolist() == (x + 1).tolist()
+    assert env.gates.passed[("batch", "m", 1)] == 3
+    await env.close()
+
+
+@aio
 async def test_a_reload_while_a_batch_runs_drains_the_old_queue_and_fails_nothing(env: Env) -> None:
     env.version("m", 1, shape=(-1, 10))
     env.model("m", nireq=1, dynamic_batching={"max_batch_size": 4})
