@@ -191,6 +191,30 @@ async def test_a_reload_while_a_batch_runs_drains_the_old_queue_and_fails_nothin
     await env.close()
 
 
+@aio
+async def test_an_openvino_failure_fails_every_request_of_the_batch_and_hangs_nothing(env: Env) -> None:
+    for name in ("m", "plain"):  # (N,10) → (-1,3): OpenVINO fails unless N*10 divides by 3
+        modelgen.regroup(env.root / "models" / name / "1")
+    env.model("m", nireq=1, dynamic_batching={"max_batch_size": 4})
+    env.model("plain", nireq=1)  # the same failure without a batcher: its one infer request must come back
+    assert (await env.reload()).ok
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="reshape"):
+            await env.plane.infer("plain", None, [Tensor("b", "FP32", (1, 10), rows(1, 0))])
+    gate = env.gates.arm("batch", "m", 1)
+    held = asyncio.create_task(infer(env, rows(1, 0)))  # a batch of 1 row, held
+    await gate.reached()
+    queued = [asyncio.create_task(infer(env, rows(1, i))) for i in (1, 2)]  # the next batch: 2 rows, fails too
+    await env.until(lambda: env.served("m", 1).batcher.waiting == 2, "two requests queued")
+    gate.release()
+    for failed in await asyncio.gather(held, *queued, return_exceptions=True):
+        assert isinstance(failed, RuntimeError) and "reshape" in str(failed), failed
+    assert env.served("m", 1).inflight == 0
+    number, out = await infer(env, rows(3, 0))  # 30 values: OpenVINO succeeds, the batcher still serves
+    assert number == 1 and out.shape == (10, 3)
+    await env.close()
+
+
 # ---- a real server, 16 concurrent tritonclient clients ----
 CLIENTS = 16
 PER_CLIENT = 12
