@@ -57,6 +57,13 @@ def test_a_cancelled_stream_leaves_no_lease_and_the_held_batch_still_runs() -> N
     assert seen["next_answer"] == ["1", 8.0]  # the version still serves
 
 
+def test_the_streams_route_key_metadata_keeps_every_message_on_its_version() -> None:
+    seen = _run("route")
+    for key, (expected, versions) in seen.items():
+        assert versions == [expected] * len(versions), key  # drawn per message, 20 would hardly agree
+    assert {expected for expected, _ in seen.values()} == {"1", "2"}  # the keys do land on both sides
+
+
 # ---- the scenarios (run as `python tests/test_stream_lifecycle.py NAME`) ----
 def _message(pb: Any, rid: int, value: float) -> Any:
     x = np.full((1, 10), value, np.float32)
@@ -81,6 +88,8 @@ async def _scenario(name: str, root: Path) -> dict[str, Any]:
     from engine.frontend.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
     env = Env(root)
+    if name == "route":
+        return await _route(env)
     env.version("m", 1, shape=(-1, 10))
     env.model("m", nireq=1, dynamic_batching={"max_batch_size": 4})
     assert (await env.reload()).ok
@@ -134,6 +143,36 @@ async def _scenario(name: str, root: Path) -> dict[str, Any]:
             number, out = await env.infer("m", None, np.full((1, 10), 7.0, np.float32))
             seen["next_answer"] = [str(number), float(out[0, 0])]
         seen["code"] = (await call.code()).name
+    await server.stop(None)
+    await env.close()
+    return seen
+
+
+async def _route(env: Any) -> dict[str, Any]:
+    """20 messages per stream, each stream with its own `hotserve-route-key` metadata, over 50/50 weights."""
+    import grpc
+
+    from engine.frontend import kserve, stream
+    from engine.frontend.generated.inference import grpc_service_pb2 as pb
+    from engine.frontend.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    for version in (1, 2):
+        env.version("m", version)
+    env.model("m", model_version_policy={"all": {}}, traffic={"1": 50, "2": 50})
+    assert (await env.reload()).ok
+    routes = env.registry.models["m"].routes
+    server = grpc.aio.server()
+    kserve.register(server, env.plane, stream.Streams())
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    seen: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for key in (f"user-{i}" for i in range(8)):
+            call = stub.ModelStreamInfer(iter([_message(pb, i, 0.0) for i in range(20)]),
+                                         metadata=(("hotserve-route-key", key),))  # fmt: skip
+            versions = [_answer(response)[0] async for response in call]
+            seen[key] = [str(routes.route(key)), versions]
     await server.stop(None)
     await env.close()
     return seen
