@@ -5,8 +5,9 @@ queued request keeps its lease on the version, and a running batch holds the ver
 retiring version drains its queue and its running batches before it is freed. Everything runs on the event loop.
 
 A batch leaves once an infer request of the version is free and: it has max_batch_size rows, or its rows are one
-of preferred_batch_sizes, or its oldest request has waited max_queue_delay_us. Requests join a batch in arrival
-order when their non-batch dims and types match the oldest one's (others wait for the next batch).
+of preferred_batch_sizes (the longest such run of the queue, as Triton), or its oldest request has waited
+max_queue_delay_us. Requests join a batch in arrival order when their non-batch dims and types match the oldest
+one's (others wait for the next batch).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class Batcher:
     def _take(self) -> tuple[list[_Pending], float | None]:
         """The next batch, or [] and how long until the oldest request's delay runs out."""
         head = self._queue[0]
-        batch, rows, full = [], 0, False
+        batch, rows, full, preferred = [], 0, False, 0
         for pending in self._queue:
             if pending.key != head.key:
                 continue
@@ -168,9 +169,13 @@ class Batcher:
                 break
             batch.append(pending)
             rows += pending.rows
+            if rows in self._preferred:
+                preferred = len(batch)  # the longest prefix of a preferred size (more may have queued meanwhile)
         left = head.enqueued + self._delay - time.perf_counter()
-        if not full and rows < self._settings.max_batch_size and rows not in self._preferred and left > 0:
-            return [], left
+        if not full and rows < self._settings.max_batch_size and left > 0:
+            if not preferred:
+                return [], left
+            batch = batch[:preferred]
         for pending in batch:
             self._queue.remove(pending)
         return batch, None

@@ -25,6 +25,7 @@ INLINE_LIMIT_S = 0.0002  # a model this fast runs on the loop: the hop to OpenVI
 SMALL_INPUT_BYTES = 4096  # below this an input is copied (cheaper than wrapping it), above it is wrapped in place
 INLINE_AFTER = 8  # consecutive asynchronous inferences that must be this fast first (a slow model never blocks)
 INLINE_SLOW_RUNS = 3  # consecutive slow inline runs that send it back: one preempted run on a busy host does not
+FAILURE_POLL_S = (0.005, 0.1)  # first and longest interval between looks for a failed asynchronous inference
 
 
 class Origin(Protocol):
@@ -100,6 +101,7 @@ class ServedVersion:
         except BaseException:
             idle.put_nowait((request, call))
             raise
+        self._poll_later(call, FAILURE_POLL_S[0])
         try:
             await done
         except asyncio.CancelledError:
@@ -163,7 +165,23 @@ class ServedVersion:
         """OpenVINO's thread: hand the completion to the loop (the only thread that touches futures and counts)."""
         self._loop.call_soon_threadsafe(self._complete, call)  # type: ignore[union-attr]
 
+    def _poll(self, call: _Call, interval: float) -> None:
+        """OpenVINO calls no callback for a failed asynchronous inference (only wait() raises): look for one."""
+        try:
+            if not call.request.wait_for(0):  # still running: look again later
+                self._poll_later(call, min(interval * 2, FAILURE_POLL_S[1]))
+            return  # done: its callback is on its way to the loop
+        except Exception:  # failed: complete it as the callback would; wait() gives the caller the error
+            call.poll = None
+            self._complete(call)
+
+    def _poll_later(self, call: _Call, interval: float) -> None:
+        call.poll = self._loop.call_later(interval, self._poll, call, interval)  # type: ignore[union-attr]
+
     def _complete(self, call: _Call) -> None:
+        if call.poll is not None:
+            call.poll.cancel()
+            call.poll = None
         call.finished = True  # a cancel the task has not seen yet must not wait for this callback again
         if call.abandoned:  # its request was cancelled: give back the infer request and the version it held
             call.abandoned = False
@@ -207,7 +225,7 @@ def _ignore(_: object) -> None:
 class _Call:
     """One infer request's state across calls; the OpenVINO callback gets it as its userdata."""
 
-    __slots__ = ("abandoned", "done", "finished", "inputs", "request")
+    __slots__ = ("abandoned", "done", "finished", "inputs", "poll", "request")
 
     def __init__(self, request: ov.InferRequest) -> None:
         self.request = request
@@ -215,6 +233,7 @@ class _Call:
         self.abandoned = False
         self.finished = False  # OpenVINO's callback for the current call has run on the loop
         self.inputs: list[np.ndarray] = []  # the buffers OpenVINO reads, alive until the next call replaces them
+        self.poll: asyncio.TimerHandle | None = None  # the next look for a failure no callback reports
 
 
 _COPIED = frozenset({"BYTES", "BF16", "UNKNOWN"})  # OpenVINO's own conversion path: strings, bf16

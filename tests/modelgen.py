@@ -160,3 +160,12 @@ def slow(folder: Path, n: int = 2048, seed: int = 0) -> Path:
     out = ops.reduce_mean(ops.matmul(square, w, False, False), ops.constant(np.array([0, 1], np.int64)), keep_dims=True)
     out.output(0).get_tensor().set_names({"y"})
     return _save(ov.Model([out], [param], "slow"), folder)
+
+
+def regroup(folder: Path, width: int = 10, group: int = 3) -> Path:
+    """`a` = input `b` (N×width) reshaped to (-1, group): OpenVINO fails the inference itself unless N×width divides
+    by `group` (a runtime error no validation can foresee)."""
+    param = ops.parameter([-1, width], np.float32, name="b")
+    out = ops.reshape(param, ops.constant(np.array([-1, group], np.int64)), special_zero=False)
+    out.output(0).get_tensor().set_names({"a"})
+    return _save(ov.Model([out], [param], "regroup"), folder)

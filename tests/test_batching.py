@@ -138,6 +138,31 @@ async def test_queue_full_is_resource_exhausted_at_once_and_the_running_batch_is
 
 
 @aio
+async def test_a_preferred_size_leaves_at_once_when_more_rows_queued_meanwhile(env: Env) -> None:
+    env.version("m", 1, shape=(-1, 10))
+    batching = {"max_batch_size": 8, "preferred_batch_sizes": [4], "max_queue_delay_us": 10_000_000}
+    env.model("m", nireq=1, dynamic_batching=batching)
+    assert (await env.reload()).ok
+    batcher = env.served("m", 1).batcher
+    gate = env.gates.arm("batch", "m", 1)
+    running = asyncio.create_task(infer(env, rows(8, 0)))  # max_batch_size rows: leaves at once, held
+    await gate.reached()
+    queued = [asyncio.create_task(infer(env, rows(1, i))) for i in range(8, 13)]  # 5 rows queue behind it
+    await env.until(lambda: batcher.waiting == 5, "five requests queued behind the held batch")
+    second = env.gates.arm("batch", "m", 1)
+    gate.release()
+    await second.reached()  # without waiting the 10 s delay: the first four rows are a preferred size
+    assert batcher.waiting == 1
+    more = [asyncio.create_task(infer(env, rows(1, i))) for i in range(13, 16)]  # 1 + 3 rows: preferred again
+    second.release()
+    answers = await asyncio.gather(running, *queued, *more)
+    for (_, out), x in zip(answers, [rows(8, 0), *(rows(1, i) for i in range(8, 16))], strict=True):
+        assert out.tolist() == (x + 1).tolist()
+    assert env.gates.passed[("batch", "m", 1)] == 3
+    await env.close()
+
+
+@aio
 async def test_a_reload_while_a_batch_runs_drains_the_old_queue_and_fails_nothing(env: Env) -> None:
     env.version("m", 1, shape=(-1, 10))
     env.model("m", nireq=1, dynamic_batching={"max_batch_size": 4})
@@ -163,6 +188,30 @@ async def test_a_reload_while_a_batch_runs_drains_the_old_queue_and_fails_nothin
         assert number == 1 and out.tolist() == (x + 1).tolist()
     for (number, out), i in zip(fresh, range(3), strict=True):
         assert number == 1 and out.tolist() == (rows(2, 10 + 2 * i) + 1).tolist()
+    await env.close()
+
+
+@aio
+async def test_an_openvino_failure_fails_every_request_of_the_batch_and_hangs_nothing(env: Env) -> None:
+    for name in ("m", "plain"):  # (N,10) → (-1,3): OpenVINO fails unless N*10 divides by 3
+        modelgen.regroup(env.root / "models" / name / "1")
+    env.model("m", nireq=1, dynamic_batching={"max_batch_size": 4})
+    env.model("plain", nireq=1)  # the same failure without a batcher: its one infer request must come back
+    assert (await env.reload()).ok
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="reshape"):
+            await env.plane.infer("plain", None, [Tensor("b", "FP32", (1, 10), rows(1, 0))])
+    gate = env.gates.arm("batch", "m", 1)
+    held = asyncio.create_task(infer(env, rows(1, 0)))  # a batch of 1 row, held
+    await gate.reached()
+    queued = [asyncio.create_task(infer(env, rows(1, i))) for i in (1, 2)]  # the next batch: 2 rows, fails too
+    await env.until(lambda: env.served("m", 1).batcher.waiting == 2, "two requests queued")
+    gate.release()
+    for failed in await asyncio.gather(held, *queued, return_exceptions=True):
+        assert isinstance(failed, RuntimeError) and "reshape" in str(failed), failed
+    assert env.served("m", 1).inflight == 0
+    number, out = await infer(env, rows(3, 0))  # 30 values: OpenVINO succeeds, the batcher still serves
+    assert number == 1 and out.shape == (10, 3)
     await env.close()
 
 

@@ -30,7 +30,7 @@ UNARY = "/inference.GRPCInferenceService/ModelInfer"
 def server(serve, tmp_path: Path):  # type: ignore[no-untyped-def]
     modelgen.add_const(tmp_path / "dummy" / "1")
     modelgen.add_const(tmp_path / "dyn" / "1", shape=(-1, 10))
-    batching = {"max_batch_size": 8, "max_queue_delay_us": 20000}
+    batching = {"max_batch_size": 8, "max_queue_delay_us": 10_000_000}  # batches leave full, never on the clock
     config = {"model_config_list": [
         model_entry("dummy", tmp_path / "dummy"),
         model_entry("batched", tmp_path / "dyn", dynamic_batching=batching),
@@ -159,7 +159,7 @@ def test_one_stream_fills_the_dynamic_batch_and_keeps_the_order(server) -> None:
     with urllib.request.urlopen(f"{server.rest}/metrics", timeout=30) as response:
         text = response.read().decode()
     (count,) = re.findall(r'^hotserve_batch_size_count\{model="batched"\} (\S+)$', text, re.M)
-    assert float(count) < len(inputs)  # messages of one stream ran concurrently, in shared inferences
+    assert float(count) == len(inputs) / 8  # messages of one stream ran concurrently, in full batches of 8
 
 
 def test_shutdown_ends_an_open_stream_with_ok(server) -> None:  # type: ignore[no-untyped-def]
