@@ -35,6 +35,7 @@ class VersionStats:
     success_ns: int = 0
     failure_ns: int = 0
     last_inference_ms: int = 0
+    executions: int = 0  # OpenVINO inferences run (a dynamic batch is one), counted by the served version
 
 
 @dataclass
@@ -189,6 +190,7 @@ class Registry:
         if slot is None:
             slot = model.slots[served.version] = Slot(status)
         slot.served = served
+        served.counts = slot.stats  # its executions count on the slot, across reloads
         model.changed()
         self.set_status(name, status)
         self._log_default(model, before)

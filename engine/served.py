@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -43,6 +44,15 @@ def spec_of(port: ov.Output, batch_index: int) -> TensorSpec:
                       batch_index)  # fmt: skip
 
 
+class Executions(Protocol):
+    executions: int  # OpenVINO inferences run (a dynamic batch is one): ModelStatistics' execution_count
+
+
+@dataclass
+class _Executions:
+    executions: int = 0
+
+
 class ServedVersion:
     """A compiled model version. `inflight` counts leases and inferences OpenVINO still runs; drain waits for 0."""
 
@@ -72,6 +82,7 @@ class ServedVersion:
         self.auto_batch = auto_batch  # batch_size "auto": a request of another batch reshapes this version
         self.origin: Origin | None = None  # set by the lifecycle for a custom loader's model
         self.batcher: Batcher | None = None  # set by the runtime for a model with dynamic_batching
+        self.counts: Executions = _Executions()  # the slot's statistics once installed (Registry.install)
         self._requests = [compiled.create_infer_request() for _ in range(nireq)]
         self._idle: asyncio.Queue[tuple[ov.InferRequest, _Call]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,6 +127,7 @@ class ServedVersion:
         try:
             request.wait()  # returns at once; raises what the asynchronous inference raised
             self._calibrate(request.latency)
+            self.counts.executions += 1
             return [_owned(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
         finally:
             idle.put_nowait((request, call))
@@ -138,6 +150,7 @@ class ServedVersion:
                     self._inline, self._fast, self._slow = False, 0, 0
             else:
                 self._slow = 0
+            self.counts.executions += 1
             return [_owned(request.get_output_tensor(i).data) for i in range(len(self.outputs))]
         finally:
             self._idle.put_nowait((request, call))  # type: ignore[union-attr]

@@ -274,3 +274,5 @@ def test_batched_answers_equal_unbatched_inference_row_for_row(serve, tmp_path: 
     executions = metric(text, "hotserve_batch_size_count", "batched")
     assert executions < CLIENTS * PER_CLIENT  # requests did share inferences
     assert metric(text, "hotserve_queue_duration_seconds_count", "batched") == CLIENTS * PER_CLIENT
+    (stats,) = plain.get_inference_statistics("batched").model_stats  # Triton's meaning: a batch is one execution
+    assert stats.inference_count == CLIENTS * PER_CLIENT and stats.execution_count == executions

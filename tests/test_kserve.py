@@ -297,6 +297,7 @@ def test_statistics_count_requests(client) -> None:  # type: ignore[no-untyped-d
         int(after["inference_stats"]["success"]["count"])
         == int(before["inference_stats"]["success"].get("count", 0)) + 1
     )
+    assert int(after.get("execution_count", 0)) == int(before.get("execution_count", 0)) + 1  # unbatched: one each
 
 
 # ---- start-up and shutdown ----

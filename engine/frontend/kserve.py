@@ -154,7 +154,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     version=str(number),
                     last_inference=stats.last_inference_ms,
                     inference_count=stats.success,
-                    execution_count=stats.success,
+                    execution_count=stats.executions,
                 )
                 entry.inference_stats.success.count = stats.success
                 entry.inference_stats.success.ns = stats.success_ns
