@@ -224,6 +224,7 @@ def test_rest(env: Env, case: Case) -> None:
         (b'{"inputs": [{"name": "b", "datatype": "FP32", "shape": [1, 10], "data": ' + b"[" * 50 + b"0"
          + b"]" * 50 + b"}]}", "nest more than"),
         (b'{"inputs": "\xff"}', "not UTF-8 JSON"),
+        (b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", "a value JSON parsing refused: Exceeds the limit"),
         (b'{"inputs": 5}', '"inputs" must be an array'),
         (b'{"inputs": [{"name": "b", "datatype": "FP32", "shape": "1,10", "data": []}]}', "shape must be an array"),
         (b'{"inputs": [{"name": "b", "datatype": "FP32", "shape": [1, true], "data": []}]}', "must be integers"),

@@ -35,8 +35,10 @@ def parse_infer(body: bytes) -> InferBody:
         raise _bad(f"body: {exc}") from None
     except json.JSONDecodeError as exc:
         raise _bad(f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except UnicodeDecodeError as exc:
         raise _bad(f"body is not UTF-8 JSON: {safe(exc)}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise _bad(f"body has a value JSON parsing refused: {safe(exc)}") from None
     if not isinstance(doc, dict):
         raise _bad('body must be a JSON object with "inputs"')
     items = doc.get("inputs")
