@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import label_problem
+from ..config_traffic import label_problem
 from ..errors import Code, ServingError
 from ..registry import Model, Registry, Slot
 from ..routing import NO_ROUTES, Routes
