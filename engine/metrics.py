@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .cache import ModelCache
+from .metrics_dir import scrape_lock
 from .registry import Registry
 from .status import State
 
@@ -73,6 +76,7 @@ class Metrics:
             from prometheus_client import multiprocess as mp
 
             self._fleet = _FleetState(registry, reconciler, self)
+            self._dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # the supervisor's (engine/metrics_dir.py)
             self._scrape = CollectorRegistry()  # every worker's files, and the cache dir they share
             self._scrape.register(_Known(mp.MultiProcessCollector(None), registry))
             self._scrape.register(_CacheDirCollector(cache))
@@ -126,7 +130,8 @@ class Metrics:
         self._prune()
         if self._fleet is not None:
             self._fleet.publish()  # this worker's own state is fresh; the others' at most SYNC_SECONDS old
-            return generate_latest(self._scrape)
+            with scrape_lock(self._dir):  # not while a dead worker's are folded
+                return generate_latest(self._scrape)
         return generate_latest(self.collectors)
 
     async def run(self) -> None:

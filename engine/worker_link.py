@@ -2,8 +2,10 @@
 
 The pipe is a `multiprocessing` duplex connection (a unix socketpair) created by the supervisor; messages are the
 small frozen dataclasses below. A worker says when it is ready, asks for a fleet reload (a reload request it got from
-a client) and answers the supervisor's reload requests with its own reconcile's result. When the supervisor is gone
-(the pipe reads EOF) the worker stops as on SIGTERM, so killing the supervisor never leaves workers behind.
+a client) and answers the supervisor's reload requests with its own reconcile's result. Its event loop sends a
+heartbeat every HEARTBEAT_SECONDS: a worker whose loop is blocked is killed and restarted by the supervisor, so no
+reload or stop waits for it forever. When the supervisor is gone (the pipe reads EOF) the worker stops as on SIGTERM,
+so killing the supervisor never leaves workers behind.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hotserve.worker")
 
+HEARTBEAT_SECONDS = 1.0
+
 
 @dataclass(frozen=True)
 class Ready:
     pid: int
+
+
+@dataclass(frozen=True)
+class Alive:
+    """worker → supervisor, every HEARTBEAT_SECONDS from the event loop: the loop is not blocked."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,7 @@ class FleetReloaded:
     result: ReloadResult
 
 
-Message = Ready | FleetReload | Reload | Reloaded | FleetReloaded
+Message = Ready | Alive | FleetReload | Reload | Reloaded | FleetReloaded
 LOST = ReloadResult(ok=False, changed=False, errors=("the worker supervisor is gone; nothing was reloaded",))
 
 
@@ -74,11 +83,19 @@ class WorkerLink:
         self._reload_here: Callable[[], Awaitable[ReloadResult]] | None = None
         self._lost: Callable[[], None] | None = None
         self._closed = False
+        self._beat: asyncio.TimerHandle | None = None
 
     def start(self, reload_here: Callable[[], Awaitable[ReloadResult]], lost: Callable[[], None]) -> None:
         """Listen on the event loop: `reload_here` answers the supervisor's reloads; `lost` runs once on EOF."""
         self._reload_here, self._lost = reload_here, lost
         asyncio.get_running_loop().add_reader(self._conn.fileno(), self._readable)
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        if not self._closed:
+            self._send(Alive())
+        if not self._closed:  # the send may have found the supervisor gone
+            self._beat = asyncio.get_running_loop().call_later(HEARTBEAT_SECONDS, self._heartbeat)
 
     def ready(self) -> None:
         self._send(Ready(os.getpid()))
@@ -130,7 +147,7 @@ class WorkerLink:
     def _gone(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._stop_beating()
         asyncio.get_running_loop().remove_reader(self._conn.fileno())
         for future in self._asked.values():
             if not future.done():
@@ -139,9 +156,14 @@ class WorkerLink:
         if self._lost is not None:
             self._lost()
 
+    def _stop_beating(self) -> None:
+        self._closed = True
+        if self._beat is not None:
+            self._beat.cancel()
+
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
+            self._stop_beating()
             asyncio.get_running_loop().remove_reader(self._conn.fileno())
         self._conn.close()
 

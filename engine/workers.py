@@ -5,8 +5,10 @@ multiprocessing's spawn (nothing of gRPC or OpenVINO is ever forked); the kernel
 (SO_REUSEPORT). Worker 1 starts first; 2..N start once it is ready, so they import what it compiled from the cache.
 The supervisor holds the ports (engine/ports.py), restarts a worker that dies (with backoff), forwards SIGTERM/SIGINT
 (drain) and SIGHUP (reload), runs fleet reloads (engine/worker_link.py) and owns the metrics dir of
-prometheus_client's multiprocess mode. One thread, one `wait()` over the workers' pipes, their process sentinels and a
-signal wake-up socket.
+prometheus_client's multiprocess mode (engine/metrics_dir.py). A watchdog kills a worker whose event loop sends no
+heartbeat for HUNG_AFTER seconds, or that closed its pipe and has not exited EXIT_AFTER seconds later: a hung worker
+is restarted, and no reload or stop waits for it forever. One thread, one `wait()` over the workers' pipes, their
+process sentinels and a signal wake-up socket.
 """
 
 from __future__ import annotations
@@ -15,21 +17,19 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import ports
+from .metrics_dir import MetricsDir, clean_stale
 from .settings import startup_checked
 from .status import ReloadResult
-from .worker_link import FleetReload, FleetReloaded, Ready, Reload, Reloaded, worker_main
+from .worker_link import HEARTBEAT_SECONDS, FleetReload, FleetReloaded, Ready, Reload, Reloaded, worker_main
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotserve.supervisor")
 
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # backoff of a worker's restarts; reset after it ran RESTART_MAX calmly
-METRICS_PREFIX = "hotserve-metrics-"
+HUNG_AFTER = 30.0  # seconds without a heartbeat: the worker's loop is blocked (a 200 MB receive blocks it ≈ 1 s)
+EXIT_AFTER = 30.0  # seconds between a worker closing its pipe (the end of its shutdown) and its exit at the latest
+assert HUNG_AFTER > 10 * HEARTBEAT_SECONDS
 
 
 @dataclass
@@ -47,6 +49,16 @@ class _Worker:
     conn: Connection
     started: float
     ready: bool = False
+    heard: float = 0.0  # when its last message came (any message is a heartbeat); 0: since `started`
+    closed_at: float | None = None  # when its pipe read EOF
+    killed: str | None = None  # why the watchdog killed it
+
+    def deadline(self, hung_after: float, exit_after: float) -> float:
+        if self.killed is not None:
+            return float("inf")
+        if self.closed_at is not None:
+            return self.closed_at + exit_after
+        return max(self.heard, self.started) + hung_after
 
 
 @dataclass
@@ -57,17 +69,17 @@ class _FleetReload:
     asker_request: int
     waiting: dict[int, int]
     results: dict[int, tuple[int, ReloadResult]] = field(default_factory=dict)
-    missing: dict[int, int] = field(default_factory=dict)  # exited before answering
+    missing: dict[int, tuple[int, str]] = field(default_factory=dict)  # index → (pid, why it will never answer)
 
 
-def combine(results: dict[int, tuple[int, ReloadResult]], missing: dict[int, int]) -> ReloadResult:
+def combine(results: dict[int, tuple[int, ReloadResult]], missing: dict[int, tuple[int, str]]) -> ReloadResult:
     """One result for a fleet reload. An error every worker reported is listed once; others name their worker."""
     all_errors = [set(r.errors) for _, r in results.values()]
     common = set.intersection(*all_errors) if all_errors and not missing else set()
     errors: list[str] = sorted(common)
     for index, (pid, result) in sorted(results.items()):
         errors += [f"worker {index} (pid {pid}): {e}" for e in result.errors if e not in common]
-    errors += [f"worker {index} (pid {pid}): exited before it reloaded" for index, pid in sorted(missing.items())]
+    errors += [f"worker {index} (pid {pid}): {why}" for index, (pid, why) in sorted(missing.items())]
     return ReloadResult(
         ok=not missing and all(r.ok for _, r in results.values()),
         changed=any(r.changed for _, r in results.values()),
@@ -81,24 +93,6 @@ def _exit_text(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"signal {signal.Signals(-code).name}"
     return f"exit code {code}"
-
-
-def _clean_stale_metrics_dirs() -> None:
-    """Metrics dirs of earlier supervisors that died without cleaning up (named after their pid)."""
-    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*"):
-        pid = path.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
-        try:
-            mine = path.lstat().st_uid == os.getuid()
-        except OSError:  # another supervisor starting now removed it first
-            continue
-        if not pid.isdigit() or not mine:
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 class WorkerSupervisor:
@@ -116,7 +110,8 @@ class WorkerSupervisor:
         self._all_ready = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals: list[int] = []
-        self.metrics_dir: Path | None = None
+        self.metrics: MetricsDir | None = None
+        self.hung_after, self.exit_after = HUNG_AFTER, EXIT_AFTER  # instance fields: tests shorten them
 
     # ---- the loop ----
     def run(self) -> int:
@@ -130,13 +125,14 @@ class WorkerSupervisor:
             log.error("%s", exc)
             return 1
         worker_settings = replace(self.settings, port=held[0].port)
-        _clean_stale_metrics_dirs()
-        self.metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # the spawned workers inherit it
+        for stale in clean_stale():
+            log.info("Removed the metrics dir of a supervisor that is gone: %s", stale)
+        self.metrics = MetricsDir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics.path)  # the spawned workers inherit it
         self._install_signals()
         rest = f" and REST port {self.settings.rest_port}" if self.settings.rest_port else ""
         log.info("Supervisor: %d workers on gRPC port %d%s; metrics dir %s", self.count, held[0].port, rest,
-                 self.metrics_dir)  # fmt: skip
+                 self.metrics.path)  # fmt: skip
         try:
             self._start(1, worker_settings)
             while self._workers or (self._restart_at and not self._stopping):
@@ -145,7 +141,7 @@ class WorkerSupervisor:
         finally:
             self._restore_signals()
             ports.release(held)
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics.close()
             log.info("Supervisor: all workers stopped")
 
     def _step(self, settings: Settings) -> None:
@@ -154,8 +150,12 @@ class WorkerSupervisor:
             if due <= now and not self._stopping:
                 del self._restart_at[index]
                 self._start(index, settings)
-        timeout = max(0.0, min(self._restart_at.values()) - now) if self._restart_at else None
-        for ready in wait(self._waitables(), timeout):
+        due = [
+            *self._restart_at.values(),
+            *(w.deadline(self.hung_after, self.exit_after) for w in self._workers.values()),
+        ]
+        timeout = max(0.0, min(due) - now) if due else None
+        for ready in wait(self._waitables(), None if timeout == float("inf") else timeout):
             if ready is self._wake_r:
                 self._on_signals()
                 continue
@@ -164,6 +164,23 @@ class WorkerSupervisor:
                     self._read(worker, settings)
                 elif ready == worker.process.sentinel:
                     self._exited(worker)
+        self._watchdog()
+
+    def _watchdog(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            if now < worker.deadline(self.hung_after, self.exit_after):
+                continue
+            if worker.closed_at is None:
+                silent = now - max(worker.heard, worker.started)
+                worker.killed = f"killed: no heartbeat for {silent:.0f} s (its event loop was blocked)"
+            else:
+                worker.killed = f"killed: still running {now - worker.closed_at:.0f} s after its shutdown ended"
+            log.error("Worker %d (pid %s) %s", worker.index, worker.process.pid, worker.killed)
+            if worker.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.process.pid, signal.SIGKILL)
+            self._unanswered(worker)  # it will never answer: its reloads are answered without it now
 
     def _waitables(self) -> list[Connection | socket.socket | int]:
         waitables: list[Connection | socket.socket | int] = [self._wake_r]
@@ -183,9 +200,11 @@ class WorkerSupervisor:
     def _read(self, worker: _Worker, settings: Settings) -> None:
         try:
             while worker.conn.poll():
+                worker.heard = time.monotonic()
                 self._message(worker, worker.conn.recv(), settings)
         except (EOFError, OSError):  # the worker is exiting (its sentinel says when): EOF would stay readable
             worker.conn.close()
+            worker.closed_at = time.monotonic()
             self._unanswered(worker)
 
     def _message(self, worker: _Worker, message: object, settings: Settings) -> None:
@@ -249,10 +268,11 @@ class WorkerSupervisor:
                 fleet.asker.conn.send(FleetReloaded(fleet.asker_request, result))
 
     def _unanswered(self, worker: _Worker) -> None:
-        """Its pipe is gone: the fleet reloads it had not answered count it as exited before it reloaded."""
+        """Its pipe is gone or it was killed: the fleet reloads it had not answered are answered without it."""
+        why = worker.killed or "exited before it reloaded"
         for request, fleet in list(self._reloads.items()):
             if worker.index in fleet.waiting:
-                fleet.missing[worker.index] = fleet.waiting.pop(worker.index)
+                fleet.missing[worker.index] = (fleet.waiting.pop(worker.index), why)
                 self._finish_reload(request)
 
     # ---- exits and restarts ----
@@ -262,13 +282,17 @@ class WorkerSupervisor:
         pid = worker.process.pid
         del self._workers[worker.index]
         worker.conn.close()
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, str(self.metrics_dir))  # its live gauges go; its counters stay
+        if self.metrics is not None and pid is not None:
+            try:
+                self.metrics.fold(pid)  # its live gauges go; its counters join the archive
+            except (OSError, ValueError) as exc:  # the metrics must not take the fleet down
+                log.warning("Could not fold the metrics files of worker %d (pid %s): %s", worker.index, pid, exc)
         self._unanswered(worker)
         if self._stopping:
             log.info("Worker %d (pid %s) stopped (%s)", worker.index, pid, _exit_text(code))
-            if code and code > 0 and not self._exit_code:  # killed by our SIGTERM before its handler: no error
+            if worker.killed is not None and not self._exit_code:
+                self._exit_code = 1
+            elif code and code > 0 and not self._exit_code:  # killed by our SIGTERM before its handler: no error
                 self._exit_code = code
             return
         if not worker.ready and not self._all_ready:

@@ -49,3 +49,43 @@ def ask_and_report(conn: Connection, report: Connection) -> None:
         elif isinstance(message, FleetReloaded):
             report.send(message.result)
             return
+
+
+# For the watchdog's tests, which kill them: a multiprocessing Event a killed process waited on can hang its set().
+def silent(conn: Connection) -> None:
+    """A worker whose event loop is blocked: its pipe is open, it reads but sends nothing (no heartbeat, no answer)."""
+    with contextlib.suppress(EOFError):
+        while True:
+            conn.recv()
+
+
+def heartbeat_only(conn: Connection) -> None:
+    """A worker that beats, and answers nothing, until its pipe closes."""
+    from engine.worker_link import Alive
+
+    with contextlib.suppress(EOFError, OSError):
+        while True:
+            conn.send(Alive())
+            if conn.poll(0.05):
+                conn.recv()
+
+
+def close_pipe_then_linger(conn: Connection) -> None:
+    """A worker stuck after the end of its shutdown (a thread that never ends): pipe closed, process alive."""
+    import time
+
+    conn.close()
+    time.sleep(3600)
+
+
+def record_metrics(path: str, amount: int) -> None:
+    """A worker's life in metrics: counts, observations and a live gauge, written to the shared dir at `path`.
+    Here, not in the test module: prometheus_client picks its multiprocess mode when first imported."""
+    import os
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    from prometheus_client import Counter, Gauge, Histogram
+
+    Counter("served", "requests", ["api"]).labels("rest").inc(amount)
+    Histogram("latency", "seconds", buckets=(0.1, 1.0)).observe(0.05 * amount)
+    Gauge("state", "per worker", multiprocess_mode="liveall").set(amount)

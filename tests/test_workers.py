@@ -32,6 +32,7 @@ from harness import free_port
 from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.metrics_dir import MetricsDir
 from engine.settings import Settings
 from engine.status import ReloadResult
 from engine.workers import WorkerSupervisor, _Worker, combine
@@ -171,7 +172,7 @@ def test_two_workers_share_both_ports_and_sum_their_metrics(fleet, tmp_path: Pat
 def test_reload_answers_once_every_worker_reloaded_and_a_killed_worker_comes_back(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     server, rest_port, config = fleet("--file_system_poll_wait_seconds", "0", "--drain_seconds", "30")
     pids = worker_pids(server)
-    metrics_dir = Path(re.search(r"metrics dir (\S+)", server.log).group(1))  # type: ignore[union-attr]
+    metrics_dir = Path(re.search(r"; metrics dir (\S+)", server.log).group(1))  # type: ignore[union-attr]
     modelgen.add_const(tmp_path / "m2" / "1", delta=2.0)
     config.write_text(json.dumps({"model_config_list": [model_entry("m", tmp_path / "m"),
                                                         model_entry("m2", tmp_path / "m2")]}))  # fmt: skip
@@ -208,7 +209,9 @@ def test_reload_answers_once_every_worker_reloaded_and_a_killed_worker_comes_bac
     metrics = until("the new worker's state published",
                     lambda: scrape_when(rest_port, lambda m: new_pid in per_worker(m)), server)  # fmt: skip
     assert set(per_worker(metrics)) == {pids[0], new_pid}  # the dead worker's live gauges went with it...
-    assert requests_total(metrics, "rest") >= 7  # ...its counts stay in the fleet's totals
+    assert requests_total(metrics, "rest") == 7  # ...its counts stay in the fleet's totals, counted once
+    assert not list(metrics_dir.glob(f"*_{pids[1]}.db"))  # folded into the archive, not left for every scrape
+    assert (metrics_dir / "counter_archive.db").exists()
 
     # SIGTERM: every worker drains (still serving, not ready), a second SIGTERM ends the window, exit 0
     mark = len(server.log)
@@ -262,7 +265,7 @@ def test_fleet_reload_result_names_the_worker_that_failed() -> None:
     assert not combined.ok and combined.changed and combined.config_valid
     assert combined.errors == ("model x: bad", "worker 2 (pid 22): model y: only here")
     ok = ReloadResult(ok=True, changed=False)
-    gone = combine({1: (11, ok)}, {2: 22})
+    gone = combine({1: (11, ok)}, {2: (22, "exited before it reloaded")})
     assert not gone.ok and gone.errors == ("worker 2 (pid 22): exited before it reloaded",)
     both = combine({1: (11, ok), 2: (22, ok)}, {})
     assert both.ok and not both.changed and both.errors == ()
@@ -279,7 +282,7 @@ def test_a_worker_whose_pipe_closed_is_waited_for_by_its_exit_alone(tmp_path: Pa
     child.close()
     settings = Settings(grpc_workers=2)
     supervisor = WorkerSupervisor(settings)
-    supervisor.metrics_dir = tmp_path
+    supervisor.metrics = MetricsDir(tmp_path)
     supervisor._workers[1] = _Worker(1, process, parent, time.monotonic(), ready=True)
     try:
         supervisor._step(settings)  # returns once the pipe reads EOF (the process still runs: it waits for `go`)
@@ -376,7 +379,7 @@ def test_a_fleet_reload_answers_the_process_that_asked_not_a_restarted_worker_at
     context = multiprocessing.get_context("spawn")
     settings = Settings(grpc_workers=2)
     supervisor = WorkerSupervisor(settings)
-    supervisor.metrics_dir = tmp_path
+    supervisor.metrics = MetricsDir(tmp_path)
     go_1, go_2 = context.Event(), context.Event()
     report_r, report_w = context.Pipe(duplex=False)
     processes = []

@@ -1,0 +1,116 @@
+"""The shared metrics dir of `--grpc_workers N`: prometheus_client's multiprocess files, owned by the supervisor.
+
+- Its life is an flock on the dir that the supervisor holds until it exits; a later supervisor removes any dir whose
+  lock is free (its owner is gone, however it died), never one judged by a pid that may have been reused.
+- A dead worker's counters, histograms and summaries are folded into one `<type>_archive.db` per type and its own
+  files deleted: sums stay right and monotonic, and a worker in a crash loop does not pile up files that every
+  scrape must read.
+- Scrapes (in the workers) hold a shared lock on `.scrape`; folding holds it exclusively, so no scrape sees a value
+  twice, misses one, or reads a file being deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger("hotserve.supervisor")
+
+PREFIX = "hotserve-metrics-"
+SCRAPE_LOCK = ".scrape"
+FOLDED = ("counter", "histogram", "summary")  # the types whose values outlive their process (live gauges do not)
+
+
+def _locked(path: Path) -> int | None:
+    """An exclusive flock on `path` (a dir) if nobody holds one: its fd, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def clean_stale(parent: Path | None = None) -> list[Path]:
+    """Remove the metrics dirs (this user's) of supervisors that are gone: → the dirs removed."""
+    removed = []
+    for path in Path(parent or tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if path.is_symlink() or path.lstat().st_uid != os.getuid():
+                continue
+        fd = _locked(path)
+        if fd is None:
+            continue  # alive (or already gone)
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+class MetricsDir:
+    """Created locked: made under a name `clean_stale` ignores, locked, then renamed into place."""
+
+    def __init__(self, parent: Path | None = None) -> None:
+        base = Path(parent or tempfile.gettempdir())
+        making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=base))
+        fd = _locked(making)
+        if fd is None:
+            raise OSError(f"cannot lock the new metrics dir {making}")
+        self._fd = fd
+        self.path = base / making.name[1:]
+        making.rename(self.path)  # the lock is on the inode: it moves along
+        (self.path / SCRAPE_LOCK).touch()
+
+    def fold(self, pid: int) -> int:
+        """A worker exited: its live gauges go, its other values join the archive. → how many files it left."""
+        from prometheus_client import multiprocess
+        from prometheus_client.mmap_dict import MmapedDict
+
+        with scrape_lock(self.path, exclusive=True):
+            multiprocess.mark_process_dead(pid, str(self.path))
+            dead = [self.path / f"{kind}_{pid}.db" for kind in FOLDED]
+            dead = [f for f in dead if f.exists()]
+            for kind in {f.name.split("_", 1)[0] for f in dead}:
+                archive = self.path / f"{kind}_archive.db"
+                sums: dict[str, float] = defaultdict(float)
+                for source in (archive, self.path / f"{kind}_{pid}.db"):
+                    if source.exists():
+                        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(source)):
+                            sums[key] += value
+                fresh = archive.with_name(f"{archive.name}.new")  # not `*.db`: no scrape reads it half-written
+                fresh.unlink(missing_ok=True)
+                written = MmapedDict(str(fresh))
+                try:
+                    for key, value in sums.items():
+                        written.write_value(key, value, 0.0)
+                finally:
+                    written.close()
+                os.replace(fresh, archive)
+            for f in dead:
+                f.unlink()
+            return len(dead)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._fd)
+
+
+@contextlib.contextmanager
+def scrape_lock(path: Path, exclusive: bool = False) -> Iterator[None]:
+    """Shared while a scrape reads the files; exclusive while the supervisor folds a dead worker's."""
+    with open(path / SCRAPE_LOCK, "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield  # closing the file releases the lock

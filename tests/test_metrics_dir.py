@@ -1,0 +1,96 @@
+"""The shared metrics dir of `--grpc_workers N` (engine/metrics_dir.py): dead workers' values folded into one archive
+per type with the fleet's sums unchanged, stale dirs told apart by their lock (not a pid), scrapes kept apart from a
+fold. Real processes write the files with prometheus_client itself."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+import scripted_worker
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.metrics_dir import MetricsDir, clean_stale, scrape_lock
+
+CONTEXT = multiprocessing.get_context("spawn")
+
+
+def own_dir(parent: str, report: Connection) -> None:
+    """A supervisor's dir, held until this process dies."""
+    made = MetricsDir(Path(parent))
+    report.send(str(made.path))
+    report.recv()
+
+
+def sums(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(path))
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples}  # fmt: skip
+
+
+@pytest.fixture
+def metrics(tmp_path: Path) -> Iterator[MetricsDir]:
+    made = MetricsDir(tmp_path)
+    yield made
+    made.close()
+
+
+def run(target, *args) -> int:  # type: ignore[no-untyped-def]
+    process = CONTEXT.Process(target=target, args=args)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0 and process.pid is not None
+    return process.pid
+
+
+def test_dead_workers_fold_into_one_archive_per_type_with_the_sums_unchanged(metrics: MetricsDir) -> None:
+    pids = [run(scripted_worker.record_metrics, str(metrics.path), amount) for amount in (1, 2, 4)]
+    before = sums(metrics.path)
+    assert before[("served_total", (("api", "rest"),))] == 7 and before[("latency_count", ())] == 3
+    assert before[("latency_bucket", (("le", "0.1"),))] == 2  # 0.05 and 0.1: cumulative buckets stay right
+    for pid in pids:
+        assert metrics.fold(pid) == 2  # its counter and histogram files (the live gauge is dropped)
+    after = sums(metrics.path)
+    kept = {k: v for k, v in before.items() if k[0] != "state"}
+    assert {k: v for k, v in after.items() if k[0] != "state"} == pytest.approx(kept)  # sums in another order
+    assert not [k for k in after if k[0] == "state"]  # live gauges die with their process
+    assert sorted(p.name for p in metrics.path.glob("*.db")) == ["counter_archive.db", "histogram_archive.db"]
+    assert metrics.fold(pids[0]) == 0  # folding again changes nothing
+    assert sums(metrics.path) == after
+
+
+def test_a_stale_dir_is_known_by_its_free_lock_not_by_a_pid(tmp_path: Path) -> None:
+    report_r, report_w = CONTEXT.Pipe()
+    owner = CONTEXT.Process(target=own_dir, args=(str(tmp_path), report_w))
+    owner.start()
+    alive = Path(report_r.recv())
+    assert clean_stale(tmp_path) == [] and alive.is_dir()  # its owner lives
+    making = tmp_path / ".hotserve-metrics-being-made"
+    making.mkdir()
+    assert owner.pid is not None
+    os.kill(owner.pid, signal.SIGKILL)  # dies without cleaning up
+    owner.join()
+    assert clean_stale(tmp_path) == [alive] and not alive.exists()
+    assert making.is_dir()  # a dir still being made is not a metrics dir yet
+
+
+def test_a_fold_waits_for_the_scrapes_reading_the_files(metrics: MetricsDir) -> None:
+    pid = run(scripted_worker.record_metrics, str(metrics.path), 1)
+    folded = threading.Event()
+    with scrape_lock(metrics.path):
+        folding = threading.Thread(target=lambda: (metrics.fold(pid), folded.set()))
+        folding.start()
+        assert not folded.wait(0.5)  # a scrape is reading: the dead worker's files stay until it is done
+        assert (metrics.path / f"counter_{pid}.db").exists()
+    folding.join(30)
+    assert folded.is_set() and not (metrics.path / f"counter_{pid}.db").exists()

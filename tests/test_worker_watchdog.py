@@ -1,0 +1,142 @@
+"""The supervisor's watchdog (issue 12): a worker whose event loop is blocked, or that lingers after its shutdown, is
+killed and restarted, so no fleet reload or stop waits for it forever. Real spawned processes and real pipes; the
+scripted workers (tests/scripted_worker.py) do on cue what a real server cannot be made to do."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import scripted_worker
+
+from engine.metrics_dir import MetricsDir
+from engine.settings import Settings
+from engine.status import ReloadResult
+from engine.worker_link import HEARTBEAT_SECONDS, Alive, WorkerLink
+from engine.workers import WorkerSupervisor, _Worker
+
+CONTEXT = multiprocessing.get_context("spawn")
+
+
+class Fleet:
+    def __init__(self, tmp_path: Path) -> None:
+        self.settings = Settings(grpc_workers=2)
+        self.supervisor = WorkerSupervisor(self.settings)
+        self.supervisor.metrics = MetricsDir(tmp_path)
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def add(self, index: int, target: Callable[..., None]) -> _Worker:
+        parent, child = CONTEXT.Pipe(duplex=True)
+        process = CONTEXT.Process(target=target, args=(child,))
+        process.start()
+        child.close()
+        self.processes.append(process)
+        worker = _Worker(index, process, parent, time.monotonic(), ready=True)
+        self.supervisor._workers[index] = worker
+        return worker
+
+    def step_until(self, done: Callable[[], bool], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "the supervisor never got there"
+            self.supervisor._step(self.settings)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(tmp_path)
+    try:
+        yield fleet
+    finally:
+        for worker in fleet.supervisor._workers.values():
+            worker.conn.close()  # the scripted workers still running end at EOF
+        for process in fleet.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def test_a_worker_without_heartbeat_is_killed_and_a_reload_is_answered_without_it(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet.supervisor.hung_after = 0.5
+    beating = fleet.add(1, scripted_worker.heartbeat_only)
+    hung = fleet.add(2, scripted_worker.silent)
+    fleet.supervisor._begin_reload(None)  # worker 1 never answers either, but it beats: the reload waits for it
+    caplog.set_level(logging.INFO, "hotserve.supervisor")
+    fleet.step_until(lambda: 2 not in fleet.supervisor._workers)
+    assert hung.process.exitcode == -signal.SIGKILL and hung.killed is not None
+    assert "no heartbeat for" in hung.killed and "event loop was blocked" in hung.killed
+    assert f"Worker 2 (pid {hung.process.pid}) killed: no heartbeat for" in caplog.text
+    assert 2 in fleet.supervisor._restart_at  # restarted with backoff, as a crash is
+    assert fleet.supervisor._workers == {1: beating} and beating.killed is None
+    (fleet_reload,) = fleet.supervisor._reloads.values()
+    assert fleet_reload.missing == {2: (hung.process.pid, hung.killed)} and list(fleet_reload.waiting) == [1]
+
+
+def test_the_reload_result_names_the_killed_worker(fleet: Fleet) -> None:
+    fleet.supervisor.hung_after = 0.5
+    fleet.add(1, scripted_worker.silent)
+    fleet.supervisor._stopping = True  # no restart: the test ends when it is gone
+    results: list[ReloadResult] = []
+    asker = fleet.supervisor._workers[1]
+    fleet.supervisor._begin_reload(None)
+    request = next(iter(fleet.supervisor._reloads))
+    fleet.supervisor._reloads[request].asker = None
+    original = fleet.supervisor._finish_reload
+
+    def finish(request: int) -> None:
+        fleet_reload = fleet.supervisor._reloads[request]
+        if not fleet_reload.waiting:
+            from engine.workers import combine
+
+            results.append(combine(fleet_reload.results, fleet_reload.missing))
+        original(request)
+
+    fleet.supervisor._finish_reload = finish  # type: ignore[method-assign]
+    fleet.step_until(lambda: bool(results))
+    (result,) = results
+    assert not result.ok
+    assert result.errors == (f"worker 1 (pid {asker.process.pid}): {asker.killed}",)
+    fleet.step_until(lambda: not fleet.supervisor._workers)
+    assert fleet.supervisor._exit_code == 1  # a worker killed while stopping: the stop was not clean
+
+
+def test_a_worker_lingering_after_its_shutdown_is_killed(fleet: Fleet) -> None:
+    fleet.supervisor.exit_after = 0.5
+    worker = fleet.add(1, scripted_worker.close_pipe_then_linger)
+    fleet.step_until(lambda: worker.closed_at is not None)
+    assert worker.process.is_alive()
+    fleet.step_until(lambda: 1 not in fleet.supervisor._workers)
+    assert worker.process.exitcode == -signal.SIGKILL
+    assert worker.killed is not None and "after its shutdown ended" in worker.killed
+
+
+def test_the_worker_link_beats_from_the_event_loop_until_closed() -> None:
+    parent, child = multiprocessing.Pipe(duplex=True)
+
+    async def main() -> tuple[list[Any], bool]:
+        link = WorkerLink(1, child)
+
+        async def reload_here() -> ReloadResult:
+            return ReloadResult(ok=True, changed=False)
+
+        link.start(reload_here, lambda: None)
+        got = []
+        for _ in range(2):  # the first at start, the next one heartbeat later
+            while not parent.poll():
+                await asyncio.sleep(HEARTBEAT_SECONDS / 10)
+            got.append(parent.recv())
+        link.close()
+        return got, link._beat is not None and link._beat.cancelled()
+
+    beats, cancelled = asyncio.run(main())
+    assert beats == [Alive(), Alive()] and cancelled  # no timer is left on the loop once closed
