@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .batching import Batcher
 
 INLINE_LIMIT_S = 0.0002  # a model this fast runs on the loop: the hop to OpenVINO's thread and back costs more
-SMALL_INPUT_BYTES = 4096  # below this an input is copied (cheaper than wrapping it), above it is wrapped in place
+SMALL_INPUT_BYTES = 4096  # below this an input is copied into the request's own tensor, above it is wrapped in place
 INLINE_AFTER = 8  # consecutive asynchronous inferences that must be this fast first (a slow model never blocks)
 INLINE_SLOW_RUNS = 3  # consecutive slow inline runs that send it back: one preempted run on a busy host does not
 FAILURE_POLL_S = (0.005, 0.1)  # first and longest interval between looks for a failed asynchronous inference
@@ -103,8 +103,9 @@ class ServedVersion:
         done = call.done = self._loop.create_future()  # type: ignore[union-attr]
         call.finished = False
         try:
-            kept = _set_inputs(request, self.inputs, inputs)
+            kept = _set_inputs(call, self.inputs, inputs)
             if kept is None:  # strings, bf16, scalars: OpenVINO's own conversion
+                call.unbind()
                 request.start_async(dict(inputs), share_inputs=True)
             else:
                 call.inputs = kept
@@ -137,9 +138,10 @@ class ServedVersion:
     ) -> list[np.ndarray]:
         """A model measured faster than a thread hop runs on the loop: no callback, no wake-up, no GIL hand-over."""
         try:
-            kept = _set_inputs(request, self.inputs, inputs)
+            kept = _set_inputs(call, self.inputs, inputs)
             started = time.perf_counter()
             if kept is None:
+                call.unbind()
                 request.infer(dict(inputs), share_inputs=True)
             else:
                 call.inputs = kept
@@ -168,7 +170,7 @@ class ServedVersion:
         self._loop = loop
         idle: asyncio.Queue[tuple[ov.InferRequest, _Call]] = asyncio.Queue()
         for request in self._requests:
-            call = _Call(request)
+            call = _Call(request, self.inputs)
             request.set_callback(self._callback, call)
             idle.put_nowait((request, call))
         self._idle = idle
@@ -238,33 +240,60 @@ def _ignore(_: object) -> None:
 class _Call:
     """One infer request's state across calls; the OpenVINO callback gets it as its userdata."""
 
-    __slots__ = ("abandoned", "done", "finished", "inputs", "poll", "request")
+    __slots__ = ("abandoned", "bound", "done", "finished", "inputs", "own", "own_tensors", "poll", "request")
 
-    def __init__(self, request: ov.InferRequest) -> None:
+    def __init__(self, request: ov.InferRequest, specs: tuple[TensorSpec, ...] = ()) -> None:
         self.request = request
+        # The request's own input tensors (static shapes): a small input is copied into one, no tensor is made per
+        # call. `bound[i]`: input i is still the own tensor (a large or odd-shaped input replaces it for a call).
+        self.own_tensors: list[ov.Tensor | None] = [_own_tensor(request, i, s) for i, s in enumerate(specs)]
+        self.own: list[np.ndarray | None] = [None if t is None else t.data for t in self.own_tensors]
+        self.bound = [t is not None for t in self.own_tensors]
         self.done: asyncio.Future[None] | None = None
         self.abandoned = False
         self.finished = False  # OpenVINO's callback for the current call has run on the loop
         self.inputs: list[np.ndarray] = []  # the buffers OpenVINO reads, alive until the next call replaces them
         self.poll: asyncio.TimerHandle | None = None  # the next look for a failure no callback reports
 
+    def unbind(self) -> None:
+        """OpenVINO's own conversion sets every input itself."""
+        self.bound = [False] * len(self.bound)
+
+
+def _own_tensor(request: ov.InferRequest, index: int, spec: TensorSpec) -> ov.Tensor | None:
+    if spec.datatype in _COPIED:
+        return None
+    try:
+        tensor = request.get_input_tensor(index)
+    except RuntimeError:  # a dynamic input has no tensor of its own until one is set
+        return None
+    return tensor if tensor.size > 0 and tensor.byte_size < SMALL_INPUT_BYTES else None
+
 
 _COPIED = frozenset({"BYTES", "BF16", "UNKNOWN"})  # OpenVINO's own conversion path: strings, bf16
 
 
-def _set_inputs(
-    request: ov.InferRequest, specs: tuple[TensorSpec, ...], feed: Mapping[str, np.ndarray]
-) -> list[np.ndarray] | None:
-    """Each input as an OpenVINO tensor over the request's own bytes: no copy (OpenVINO copies read-only arrays).
-
-    None: an input needs OpenVINO's conversion (the caller passes the arrays to start_async instead)."""
+def _set_inputs(call: _Call, specs: tuple[TensorSpec, ...], feed: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+    """Each input into OpenVINO without a copy of a large one: a small input is copied into the request's own tensor
+    (cheaper than making and setting a tensor); a large one is wrapped in place (OpenVINO copies read-only arrays).
+    → the buffers OpenVINO reads, to keep alive. None: an input needs OpenVINO's conversion (the caller passes the
+    arrays to infer/start_async instead)."""
     if any(spec.datatype in _COPIED for spec in specs):
         return None
     arrays = [feed[spec.name] for spec in specs]
     if any(a.ndim == 0 or not a.flags.c_contiguous for a in arrays):
         return None
+    request = call.request
     kept = []
     for i, array in enumerate(arrays):
+        own = call.own[i]
+        if own is not None and own.shape == array.shape and own.dtype == array.dtype:
+            own[...] = array
+            if not call.bound[i]:
+                request.set_input_tensor(i, call.own_tensors[i])
+                call.bound[i] = True
+            continue
+        call.bound[i] = False
         if not array.flags.writeable and array.nbytes < SMALL_INPUT_BYTES:
             array = array.copy()  # a few bytes: copying costs less than the ctypes view below
         elif not array.flags.writeable:  # OpenVINO only reads inputs; a writable view over the same memory

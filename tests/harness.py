@@ -78,7 +78,7 @@ class ServerProcess:
 
     def _kill_orphans(self) -> None:
         """Workers left behind by a supervisor that was killed: only processes with this run's metrics dir."""
-        found = re.search(r"metrics dir (\S+)", self.log)
+        found = re.search(r"; metrics dir (\S+)", self.log)
         if found is None:
             return
         mark = f"PROMETHEUS_MULTIPROC_DIR={found.group(1)}".encode()
