@@ -74,12 +74,17 @@ class MetricsDir:
         making.rename(self.path)  # the lock is on the inode: it moves along
         (self.path / SCRAPE_LOCK).touch()
 
-    def fold(self, pid: int) -> int:
-        """A worker exited: its live gauges go, its other values join the archive. → how many files it left."""
+    def fold(self, pid: int) -> int | None:
+        """A worker exited: its live gauges go, its other values join the archive. → how many files it left; None:
+        a scrape is reading (it may be in a hung worker the caller has yet to kill), so try again later."""
         from prometheus_client import multiprocess
         from prometheus_client.mmap_dict import MmapedDict
 
-        with scrape_lock(self.path, exclusive=True):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(scrape_lock(self.path, exclusive=True))
+            except BlockingIOError:
+                return None
             multiprocess.mark_process_dead(pid, str(self.path))
             dead = [self.path / f"{kind}_{pid}.db" for kind in FOLDED]
             dead = [f for f in dead if f.exists()]
@@ -110,7 +115,8 @@ class MetricsDir:
 
 @contextlib.contextmanager
 def scrape_lock(path: Path, exclusive: bool = False) -> Iterator[None]:
-    """Shared while a scrape reads the files; exclusive while the supervisor folds a dead worker's."""
+    """Shared while a scrape reads the files (waits); exclusive while the supervisor folds a dead worker's (never
+    waits: BlockingIOError)."""
     with open(path / SCRAPE_LOCK, "rb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
         yield  # closing the file releases the lock

@@ -38,6 +38,7 @@ log = logging.getLogger("hotserve.supervisor")
 
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # backoff of a worker's restarts; reset after it ran RESTART_MAX calmly
 HUNG_AFTER = 30.0  # seconds without a heartbeat: the worker's loop is blocked (a 200 MB receive blocks it ≈ 1 s)
+FOLD_RETRY = 0.1  # seconds between tries to fold a dead worker's metrics while a scrape holds their lock
 EXIT_AFTER = 30.0  # seconds between a worker closing its pipe (the end of its shutdown) and its exit at the latest
 assert HUNG_AFTER > 10 * HEARTBEAT_SECONDS
 
@@ -111,6 +112,7 @@ class WorkerSupervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals: list[int] = []
         self.metrics: MetricsDir | None = None
+        self._unfolded: dict[int, int] = {}  # pid → worker index: dead workers whose metrics await a free lock
         self.hung_after, self.exit_after = HUNG_AFTER, EXIT_AFTER  # instance fields: tests shorten them
 
     # ---- the loop ----
@@ -150,9 +152,12 @@ class WorkerSupervisor:
             if due <= now and not self._stopping:
                 del self._restart_at[index]
                 self._start(index, settings)
+        for pid, index in list(self._unfolded.items()):
+            self._fold(pid, index)
         due = [
             *self._restart_at.values(),
             *(w.deadline(self.hung_after, self.exit_after) for w in self._workers.values()),
+            *([now + FOLD_RETRY] if self._unfolded else []),
         ]
         timeout = max(0.0, min(due) - now) if due else None
         for ready in wait(self._waitables(), None if timeout == float("inf") else timeout):
@@ -282,11 +287,8 @@ class WorkerSupervisor:
         pid = worker.process.pid
         del self._workers[worker.index]
         worker.conn.close()
-        if self.metrics is not None and pid is not None:
-            try:
-                self.metrics.fold(pid)  # its live gauges go; its counters join the archive
-            except (OSError, ValueError) as exc:  # the metrics must not take the fleet down
-                log.warning("Could not fold the metrics files of worker %d (pid %s): %s", worker.index, pid, exc)
+        if pid is not None:
+            self._fold(pid, worker.index)
         self._unanswered(worker)
         if self._stopping:
             log.info("Worker %d (pid %s) stopped (%s)", worker.index, pid, _exit_text(code))
@@ -306,6 +308,21 @@ class WorkerSupervisor:
         log.error("Worker %d (pid %s) exited (%s); restarting it in %.1f s", worker.index, pid, _exit_text(code), delay)
         self._restart_at[worker.index] = time.monotonic() + delay
         self._delay[worker.index] = min(RESTART_MAX, delay * 2)
+
+    def _fold(self, pid: int, index: int) -> None:
+        """Its live gauges go; its counters join the archive. Never waits for a scrape: one in a hung worker would
+        keep the watchdog that kills it from running."""
+        if self.metrics is None:
+            return
+        try:
+            folded = self.metrics.fold(pid)
+        except (OSError, ValueError) as exc:  # the metrics must not take the fleet down
+            log.warning("Could not fold the metrics files of worker %d (pid %s): %s", index, pid, exc)
+            folded = 0
+        if folded is None:
+            self._unfolded[pid] = index
+        else:
+            self._unfolded.pop(pid, None)
 
     # ---- signals ----
     def _install_signals(self) -> None:

@@ -89,3 +89,19 @@ def record_metrics(path: str, amount: int) -> None:
     Counter("served", "requests", ["api"]).labels("rest").inc(amount)
     Histogram("latency", "seconds", buckets=(0.1, 1.0)).observe(0.05 * amount)
     Gauge("state", "per worker", multiprocess_mode="liveall").set(amount)
+
+
+def exit_at_once(conn: Connection) -> None:
+    """A worker that dies as soon as it runs (a crash)."""
+    conn.close()
+
+
+def silent_in_a_scrape(conn: Connection, metrics_dir: str, report: Connection) -> None:
+    """A worker whose loop blocked inside a scrape: it holds the scrape lock and sends nothing until killed."""
+    from pathlib import Path
+
+    from engine.metrics_dir import scrape_lock
+
+    with scrape_lock(Path(metrics_dir)):
+        report.send("locked")
+        silent(conn)

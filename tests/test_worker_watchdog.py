@@ -8,6 +8,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,20 +28,27 @@ CONTEXT = multiprocessing.get_context("spawn")
 
 class Fleet:
     def __init__(self, tmp_path: Path) -> None:
-        self.settings = Settings(grpc_workers=2)
+        self.settings = Settings(grpc_workers=3)
         self.supervisor = WorkerSupervisor(self.settings)
         self.supervisor.metrics = MetricsDir(tmp_path)
         self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.restarted: list[int] = []  # restarts are recorded, not run: no real server starts here
+        self.supervisor._start = lambda index, settings: self.restarted.append(index)  # type: ignore[method-assign]
 
-    def add(self, index: int, target: Callable[..., None]) -> _Worker:
+    def add(self, index: int, target: Callable[..., None], *args: object) -> _Worker:
         parent, child = CONTEXT.Pipe(duplex=True)
-        process = CONTEXT.Process(target=target, args=(child,))
+        process = CONTEXT.Process(target=target, args=(child, *args))
         process.start()
         child.close()
         self.processes.append(process)
         worker = _Worker(index, process, parent, time.monotonic(), ready=True)
         self.supervisor._workers[index] = worker
         return worker
+
+    def overdue(self, worker: _Worker) -> None:
+        """Silent for longer than the watchdog allows, at once: the workers that do beat keep HUNG_AFTER's 30 s, so
+        how fast a loaded machine spawns them cannot matter."""
+        worker.started = time.monotonic() - self.supervisor.hung_after
 
     def step_until(self, done: Callable[[], bool], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -67,9 +75,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def test_a_worker_without_heartbeat_is_killed_and_a_reload_is_answered_without_it(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fleet.supervisor.hung_after = 0.5
     beating = fleet.add(1, scripted_worker.heartbeat_only)
     hung = fleet.add(2, scripted_worker.silent)
+    fleet.overdue(hung)
     fleet.supervisor._begin_reload(None)  # worker 1 never answers either, but it beats: the reload waits for it
     caplog.set_level(logging.INFO, "hotserve.supervisor")
     fleet.step_until(lambda: 2 not in fleet.supervisor._workers)
@@ -83,8 +91,7 @@ def test_a_worker_without_heartbeat_is_killed_and_a_reload_is_answered_without_i
 
 
 def test_the_reload_result_names_the_killed_worker(fleet: Fleet) -> None:
-    fleet.supervisor.hung_after = 0.5
-    fleet.add(1, scripted_worker.silent)
+    fleet.overdue(fleet.add(1, scripted_worker.silent))
     fleet.supervisor._stopping = True  # no restart: the test ends when it is gone
     results: list[ReloadResult] = []
     asker = fleet.supervisor._workers[1]
@@ -118,6 +125,40 @@ def test_a_worker_lingering_after_its_shutdown_is_killed(fleet: Fleet) -> None:
     fleet.step_until(lambda: 1 not in fleet.supervisor._workers)
     assert worker.process.exitcode == -signal.SIGKILL
     assert worker.killed is not None and "after its shutdown ended" in worker.killed
+
+
+def test_a_worker_hung_inside_a_scrape_cannot_stall_the_supervisor(fleet: Fleet) -> None:
+    """A fold waits for scrapes; the supervisor must not wait with it, or its watchdog (the one thing that can end
+    the scrape, by killing its worker) never runs and healthy workers' heartbeats go unread."""
+    metrics = fleet.supervisor.metrics
+    assert metrics is not None
+    locked_r, locked_w = CONTEXT.Pipe(duplex=False)
+    hung = fleet.add(1, scripted_worker.silent_in_a_scrape, str(metrics.path), locked_w)
+    assert locked_r.poll(60) and locked_r.recv() == "locked"
+    beating = fleet.add(2, scripted_worker.heartbeat_only)
+    crashed = fleet.add(3, scripted_worker.exit_at_once)
+    crashed.process.join(60)  # its exit is the first thing the supervisor sees: it folds while the scrape is held
+    fleet.overdue(hung)
+    failed: list[BaseException] = []
+
+    def step() -> None:
+        try:
+            fleet.step_until(lambda: not ({1, 3} & set(fleet.supervisor._workers)))
+        except BaseException as exc:
+            failed.append(exc)
+
+    stepping = threading.Thread(target=step)
+    stepping.start()
+    stepping.join(30)
+    if stepping.is_alive():  # stuck in the fold: end the scrape so the thread (and the test) can finish
+        hung.process.kill()
+        stepping.join(60)
+        pytest.fail("the supervisor blocked in a fold while a hung worker held the scrape lock")
+    assert not failed, failed
+    assert hung.process.exitcode == -signal.SIGKILL and crashed.process.exitcode == 0
+    assert fleet.supervisor._workers == {2: beating} and beating.killed is None
+    fleet.step_until(lambda: not fleet.supervisor._unfolded)  # both folded once the lock is free
+    assert not list(metrics.path.glob(f"*_{hung.process.pid}.db"))
 
 
 def test_the_worker_link_beats_from_the_event_loop_until_closed() -> None:
