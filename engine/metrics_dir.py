@@ -1,12 +1,13 @@
 """The shared metrics dir of `--grpc_workers N`: prometheus_client's multiprocess files, owned by the supervisor.
 
 - Its life is an flock on the dir that the supervisor holds until it exits; a later supervisor removes any dir whose
-  lock is free (its owner is gone, however it died), never one judged by a pid that may have been reused.
+  lock is free (its owner is gone, however it died), never one judged by a pid that may have been reused. An older
+  hotserve's dir (`hotserve-metrics-<pid>-…`, never locked) is kept while that pid runs: a leak, never a live loss.
 - A dead worker's counters, histograms and summaries are folded into one `<type>_archive.db` per type and its own
   files deleted: sums stay right and monotonic, and a worker in a crash loop does not pile up files that every
   scrape must read.
 - Scrapes (in the workers) hold a shared lock on `.scrape`; folding holds it exclusively, so no scrape sees a value
-  twice, misses one, or reads a file being deleted.
+  twice, misses one, or reads a file being deleted. A fold never waits for it: the supervisor tries again later.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -42,6 +44,16 @@ def _locked(path: Path) -> int | None:
     return fd
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def clean_stale(parent: Path | None = None) -> list[Path]:
     """Remove the metrics dirs (this user's) of supervisors that are gone: → the dirs removed."""
     removed = []
@@ -49,6 +61,9 @@ def clean_stale(parent: Path | None = None) -> list[Path]:
         with contextlib.suppress(OSError):
             if path.is_symlink() or path.lstat().st_uid != os.getuid():
                 continue
+        older = re.match(r"(\d+)-", path.name.removeprefix(PREFIX))  # mkdtemp's own names have no "-"
+        if older is not None and _running(int(older[1])):
+            continue  # an older hotserve's dir, named after its supervisor and never locked: kept while that lives
         fd = _locked(path)
         if fd is None:
             continue  # alive (or already gone)

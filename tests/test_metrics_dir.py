@@ -89,3 +89,15 @@ def test_a_fold_never_runs_while_a_scrape_reads_the_files(metrics: MetricsDir) -
         assert metrics.fold(pid) is None  # not now, and without waiting: the supervisor tries again later
         assert (metrics.path / f"counter_{pid}.db").exists()
     assert metrics.fold(pid) == 2 and not (metrics.path / f"counter_{pid}.db").exists()
+
+
+def test_an_older_hotserve_s_dir_is_kept_while_its_supervisor_lives(tmp_path: Path) -> None:
+    """Before the lock, a dir was named after its supervisor's pid (`hotserve-metrics-<pid>-<random>`) and never
+    locked: a free lock says nothing about it. One of a live older supervisor (an upgrade in place) stays."""
+    live = tmp_path / f"hotserve-metrics-{os.getpid()}-k3j2h1g0"
+    live.mkdir()
+    (live / "counter_1.db").write_bytes(b"")
+    dead = tmp_path / f"hotserve-metrics-{run(os.getpid)}-a1b2c3d4"  # a process that has exited
+    dead.mkdir()
+    assert clean_stale(tmp_path) == [dead]
+    assert live.is_dir() and (live / "counter_1.db").exists() and not dead.exists()
