@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("hotserve.supervisor")
@@ -75,6 +75,21 @@ def clean_stale(parent: Path | None = None) -> list[Path]:
     return removed
 
 
+def _allocate(path: Path, keys: Iterable[str]) -> None:
+    """Every byte MmapedDict will write to `path`, on disk first: a full tmp fails here (ENOSPC), not with a SIGBUS
+    when a write through its mmap finds no room. Its layout: an 8-byte header, then per key a 4-byte length, the
+    UTF-8 key padded to 8 bytes, and two doubles."""
+    size = 8 + sum(4 + n + (8 - (n + 4) % 8) + 16 for n in (len(key.encode()) for key in keys))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
 class MetricsDir:
     """Created locked: made under a name `clean_stale` ignores, locked, then renamed into place."""
 
@@ -103,7 +118,7 @@ class MetricsDir:
             multiprocess.mark_process_dead(pid, str(self.path))
             dead = [self.path / f"{kind}_{pid}.db" for kind in FOLDED]
             dead = [f for f in dead if f.exists()]
-            for kind in {f.name.split("_", 1)[0] for f in dead}:
+            for kind in sorted({f.name.split("_", 1)[0] for f in dead}):
                 archive = self.path / f"{kind}_archive.db"
                 sums: dict[str, float] = defaultdict(float)
                 for source in (archive, self.path / f"{kind}_{pid}.db"):
@@ -112,6 +127,7 @@ class MetricsDir:
                             sums[key] += value
                 fresh = archive.with_name(f"{archive.name}.new")  # not `*.db`: no scrape reads it half-written
                 fresh.unlink(missing_ok=True)
+                _allocate(fresh, sums)
                 written = MmapedDict(str(fresh))
                 try:
                     for key, value in sums.items():
@@ -119,8 +135,7 @@ class MetricsDir:
                 finally:
                     written.close()
                 os.replace(fresh, archive)
-            for f in dead:
-                f.unlink()
+                (self.path / f"{kind}_{pid}.db").unlink()  # at once: if the next kind fails, none counts twice
             return len(dead)
 
     def close(self) -> None:

@@ -4,15 +4,20 @@ fold. Real processes write the files with prometheus_client itself."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 import scripted_worker
+from conftest import ROOT
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -101,3 +106,21 @@ def test_an_older_hotserve_s_dir_is_kept_while_its_supervisor_lives(tmp_path: Pa
     dead.mkdir()
     assert clean_stale(tmp_path) == [dead]
     assert live.is_dir() and (live / "counter_1.db").exists() and not dead.exists()
+
+
+def test_a_fold_on_a_full_tmp_fails_cleanly_and_loses_nothing(tmp_path: Path) -> None:
+    """prometheus_client writes through an mmap: on a full filesystem that is a SIGBUS, which would kill the
+    supervisor (and with it the fleet). The archive's bytes are allocated first, so a full tmp is ENOSPC."""
+    script = f"import sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'tests')]!r}; import scripted_worker as s; "
+    script += f"s.fold_on_a_full_tmp({str(tmp_path)!r})"
+    mount = f'mount -t tmpfs -o size=2m hotserve-test {tmp_path} && exec {sys.executable} -c "{script}"'
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces here: cannot mount a small tmpfs")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["full"] == "ENOSPC"  # an error the supervisor logs, not a crash
+    before, after_full, after = ([tuple(s) for s in sums] for sums in report["sums"])
+    counted = [s for s in before if not s[0].startswith("state")]  # the live gauge goes at the first try
+    assert after_full == counted and after == counted  # a fold that stopped half-way counts nothing twice
+    assert report["then"] == 1  # the histogram's, left by the full tmp, is folded once there is room
