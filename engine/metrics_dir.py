@@ -96,13 +96,19 @@ class MetricsDir:
     def __init__(self, parent: Path | None = None) -> None:
         base = Path(parent or tempfile.gettempdir())
         making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=base))
-        fd = _locked(making)
-        if fd is None:
-            raise OSError(f"cannot lock the new metrics dir {making}")
-        self._fd = fd
         self.path = base / making.name[1:]
-        making.rename(self.path)  # the lock is on the inode: it moves along
-        (self.path / SCRAPE_LOCK).touch()
+        fd = _locked(making)
+        try:
+            if fd is None:
+                raise OSError(f"cannot lock the new metrics dir {making}")
+            (making / SCRAPE_LOCK).touch()
+            making.rename(self.path)  # the lock is on the inode: it moves along
+        except OSError:  # a full tmp, say: nothing is left behind
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(making, ignore_errors=True)
+            raise
+        self._fd = fd
 
     def fold(self, pid: int) -> int | None:
         """A worker exited: its live gauges go, its other values join the archive. → how many files it left; None:

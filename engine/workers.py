@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
@@ -129,7 +130,12 @@ class WorkerSupervisor:
         worker_settings = replace(self.settings, port=held[0].port)
         for stale in clean_stale():
             log.info("Removed the metrics dir of a supervisor that is gone: %s", stale)
-        self.metrics = MetricsDir()
+        try:
+            self.metrics = MetricsDir()
+        except OSError as exc:
+            ports.release(held)
+            log.error("Cannot make the workers' metrics dir in %s (TMPDIR sets where): %s", tempfile.gettempdir(), exc)
+            return 1
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics.path)  # the spawned workers inherit it
         self._install_signals()
         rest = f" and REST port {self.settings.rest_port}" if self.settings.rest_port else ""
