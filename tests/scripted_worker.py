@@ -151,3 +151,10 @@ def _sums(path: Path) -> list[tuple[str, float]]:
     MultiProcessCollector(registry, str(path))
     families = text_string_to_metric_families(generate_latest(registry).decode())
     return sorted((f"{s.name}{sorted(s.labels.items())}", s.value) for f in families for s in f.samples)
+
+
+def not_reading(conn: Connection) -> None:
+    """A worker whose event loop is blocked for good: it neither sends nor reads, so its pipe fills up."""
+    import time
+
+    time.sleep(3600)

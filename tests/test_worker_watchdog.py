@@ -161,6 +161,24 @@ def test_a_worker_hung_inside_a_scrape_cannot_stall_the_supervisor(fleet: Fleet)
     assert not list(metrics.path.glob(f"*_{hung.process.pid}.db"))
 
 
+def test_a_worker_that_stopped_reading_cannot_block_the_supervisor_in_a_send(fleet: Fleet) -> None:
+    """Reloads asked again and again (SIGHUPs, clients of the other workers) fill a blocked worker's pipe: the
+    supervisor's send must give up, and the worker be killed as hung, not wait for it forever."""
+    hung = fleet.add(1, scripted_worker.not_reading)
+    fleet.supervisor._stopping = True  # no restart: the test ends when it is gone
+    asked = threading.Thread(target=lambda: [fleet.supervisor._begin_reload(None) for _ in range(20_000)])
+    asked.start()
+    asked.join(60)
+    if asked.is_alive():  # blocked in a send: end the worker so the thread (and the test) can finish
+        hung.process.kill()
+        asked.join(60)
+        pytest.fail("the supervisor blocked in a send to a worker that does not read")
+    assert hung.killed is not None and "pipe" in hung.killed
+    assert fleet.supervisor._reloads == {}  # every reload was answered without it
+    fleet.step_until(lambda: not fleet.supervisor._workers)
+    assert hung.process.exitcode == -signal.SIGKILL
+
+
 def test_the_worker_link_beats_from_the_event_loop_until_closed() -> None:
     parent, child = multiprocessing.Pipe(duplex=True)
 
