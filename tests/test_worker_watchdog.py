@@ -5,6 +5,7 @@ scripted workers (tests/scripted_worker.py) do on cue what a real server cannot 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import signal
@@ -14,13 +15,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import modelgen
 import pytest
 import scripted_worker
+from conftest import model_entry
 
 from engine.metrics_dir import MetricsDir
 from engine.settings import Settings
 from engine.status import ReloadResult
-from engine.worker_link import HEARTBEAT_SECONDS, Alive, WorkerLink
+from engine.worker_link import HEARTBEAT_SECONDS, Alive, Ready, WorkerLink, worker_main
 from engine.workers import WorkerSupervisor, _Worker
 
 CONTEXT = multiprocessing.get_context("spawn")
@@ -86,6 +89,8 @@ def test_a_worker_without_heartbeat_is_killed_and_a_reload_is_answered_without_i
     assert f"Worker 2 (pid {hung.process.pid}) killed: no heartbeat for" in caplog.text
     assert 2 in fleet.supervisor._restart_at  # restarted with backoff, as a crash is
     assert fleet.supervisor._workers == {1: beating} and beating.killed is None
+    fleet.step_until(lambda: beating.heard > beating.started)  # every message it sends moves its deadline on
+    assert beating.deadline(fleet.supervisor.hung_after, 0) == beating.heard + fleet.supervisor.hung_after
     (fleet_reload,) = fleet.supervisor._reloads.values()
     assert fleet_reload.missing == {2: (hung.process.pid, hung.killed)} and list(fleet_reload.waiting) == [1]
 
@@ -177,6 +182,46 @@ def test_a_worker_that_stopped_reading_cannot_block_the_supervisor_in_a_send(fle
     assert fleet.supervisor._reloads == {}  # every reload was answered without it
     fleet.step_until(lambda: not fleet.supervisor._workers)
     assert hung.process.exitcode == -signal.SIGKILL
+
+
+def test_a_real_worker_beats_while_its_initial_load_is_held(
+    tmp_path: Path, build: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first load may take minutes (a big model, a cold cache): the loop runs, and beats, all along, or the
+    watchdog would kill every worker that starts slowly. Its load is held in the test loader until the test lets go."""
+    modelgen.add_const(tmp_path / "h" / "1")
+    hold, calls = tmp_path / "hold", tmp_path / "calls.log"
+    hold.touch()
+    (tmp_path / "loader.cfg").write_text(f"CALL_LOG {calls}\n")
+    options = {"loader_name": "test", "model_file": "model.xml", "bin_file": "model.bin", "hold_file": str(hold)}
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({
+        "custom_loader_config_list": [{"config": {"loader_name": "test",
+                                                  "library_path": str(build / "libtestloader.so"),
+                                                  "loader_config_file": str(tmp_path / "loader.cfg")}}],
+        "model_config_list": [model_entry("h", tmp_path / "h", custom_loader_options=options)],
+    }))  # fmt: skip
+    metrics = MetricsDir(tmp_path)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics.path))
+    parent, child = CONTEXT.Pipe(duplex=True)
+    settings = Settings(config_path=config, port=0, grpc_workers=2)
+    worker = CONTEXT.Process(target=worker_main, args=(settings, 1, child))
+    worker.start()
+    child.close()
+    try:
+        while not (calls.exists() and "load_model h 1" in calls.read_text()):  # its load is under way, and held
+            assert parent.poll(60), "the worker said nothing"
+            assert isinstance(parent.recv(), Alive)
+        assert parent.poll(60) and parent.recv() == Alive()  # sent while the load is still held: not Ready
+        hold.unlink()
+        while not isinstance(message := (parent.recv() if parent.poll(60) else None), Ready):
+            assert message == Alive()
+    finally:
+        hold.unlink(missing_ok=True)
+        parent.close()  # EOF: the worker stops
+        worker.join(60)
+        metrics.close()
+    assert worker.exitcode == 0
 
 
 def test_the_worker_link_beats_from_the_event_loop_until_closed() -> None:
