@@ -33,7 +33,7 @@ FOLDED = ("counter", "histogram", "summary")  # the types whose values outlive t
 def _locked(path: Path) -> int | None:
     """An exclusive flock on `path` (a dir) if nobody holds one: its fd, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # no symlink swapped in after the checks
     except OSError:
         return None
     try:
