@@ -1,12 +1,13 @@
 """The shared metrics dir of `--grpc_workers N`: prometheus_client's multiprocess files, owned by the supervisor.
 
 - Its life is an flock on the dir that the supervisor holds until it exits; a later supervisor removes any dir whose
-  lock is free (its owner is gone, however it died), never one judged by a pid that may have been reused.
+  lock is free (its owner is gone, however it died), never one judged by a pid that may have been reused. An older
+  hotserve's dir (`hotserve-metrics-<pid>-…`, never locked) is kept while that pid runs: a leak, never a live loss.
 - A dead worker's counters, histograms and summaries are folded into one `<type>_archive.db` per type and its own
   files deleted: sums stay right and monotonic, and a worker in a crash loop does not pile up files that every
   scrape must read.
 - Scrapes (in the workers) hold a shared lock on `.scrape`; folding holds it exclusively, so no scrape sees a value
-  twice, misses one, or reads a file being deleted.
+  twice, misses one, or reads a file being deleted. A fold never waits for it: the supervisor tries again later.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger("hotserve.supervisor")
@@ -31,7 +33,7 @@ FOLDED = ("counter", "histogram", "summary")  # the types whose values outlive t
 def _locked(path: Path) -> int | None:
     """An exclusive flock on `path` (a dir) if nobody holds one: its fd, else None."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # no symlink swapped in after the checks
     except OSError:
         return None
     try:
@@ -42,6 +44,16 @@ def _locked(path: Path) -> int | None:
     return fd
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def clean_stale(parent: Path | None = None) -> list[Path]:
     """Remove the metrics dirs (this user's) of supervisors that are gone: → the dirs removed."""
     removed = []
@@ -49,6 +61,9 @@ def clean_stale(parent: Path | None = None) -> list[Path]:
         with contextlib.suppress(OSError):
             if path.is_symlink() or path.lstat().st_uid != os.getuid():
                 continue
+        older = re.match(r"(\d+)-", path.name.removeprefix(PREFIX))  # mkdtemp's own names have no "-"
+        if older is not None and _running(int(older[1])):
+            continue  # an older hotserve's dir, named after its supervisor and never locked: kept while that lives
         fd = _locked(path)
         if fd is None:
             continue  # alive (or already gone)
@@ -60,30 +75,56 @@ def clean_stale(parent: Path | None = None) -> list[Path]:
     return removed
 
 
+def _allocate(path: Path, keys: Iterable[str]) -> None:
+    """Every byte MmapedDict will write to `path`, on disk first: a full tmp fails here (ENOSPC), not with a SIGBUS
+    when a write through its mmap finds no room. Its layout: an 8-byte header, then per key a 4-byte length, the
+    UTF-8 key padded to 8 bytes, and two doubles."""
+    size = 8 + sum(4 + n + (8 - (n + 4) % 8) + 16 for n in (len(key.encode()) for key in keys))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
 class MetricsDir:
     """Created locked: made under a name `clean_stale` ignores, locked, then renamed into place."""
 
     def __init__(self, parent: Path | None = None) -> None:
         base = Path(parent or tempfile.gettempdir())
         making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=base))
-        fd = _locked(making)
-        if fd is None:
-            raise OSError(f"cannot lock the new metrics dir {making}")
-        self._fd = fd
         self.path = base / making.name[1:]
-        making.rename(self.path)  # the lock is on the inode: it moves along
-        (self.path / SCRAPE_LOCK).touch()
+        fd = _locked(making)
+        try:
+            if fd is None:
+                raise OSError(f"cannot lock the new metrics dir {making}")
+            (making / SCRAPE_LOCK).touch()
+            making.rename(self.path)  # the lock is on the inode: it moves along
+        except OSError:  # a full tmp, say: nothing is left behind
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(making, ignore_errors=True)
+            raise
+        self._fd = fd
 
-    def fold(self, pid: int) -> int:
-        """A worker exited: its live gauges go, its other values join the archive. → how many files it left."""
+    def fold(self, pid: int) -> int | None:
+        """A worker exited: its live gauges go, its other values join the archive. → how many files it left; None:
+        a scrape is reading (it may be in a hung worker the caller has yet to kill), so try again later."""
         from prometheus_client import multiprocess
         from prometheus_client.mmap_dict import MmapedDict
 
-        with scrape_lock(self.path, exclusive=True):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(scrape_lock(self.path, exclusive=True))
+            except BlockingIOError:
+                return None
             multiprocess.mark_process_dead(pid, str(self.path))
             dead = [self.path / f"{kind}_{pid}.db" for kind in FOLDED]
             dead = [f for f in dead if f.exists()]
-            for kind in {f.name.split("_", 1)[0] for f in dead}:
+            for kind in sorted({f.name.split("_", 1)[0] for f in dead}):
                 archive = self.path / f"{kind}_archive.db"
                 sums: dict[str, float] = defaultdict(float)
                 for source in (archive, self.path / f"{kind}_{pid}.db"):
@@ -92,6 +133,7 @@ class MetricsDir:
                             sums[key] += value
                 fresh = archive.with_name(f"{archive.name}.new")  # not `*.db`: no scrape reads it half-written
                 fresh.unlink(missing_ok=True)
+                _allocate(fresh, sums)
                 written = MmapedDict(str(fresh))
                 try:
                     for key, value in sums.items():
@@ -99,8 +141,7 @@ class MetricsDir:
                 finally:
                     written.close()
                 os.replace(fresh, archive)
-            for f in dead:
-                f.unlink()
+                (self.path / f"{kind}_{pid}.db").unlink()  # at once: if the next kind fails, none counts twice
             return len(dead)
 
     def close(self) -> None:
@@ -110,7 +151,8 @@ class MetricsDir:
 
 @contextlib.contextmanager
 def scrape_lock(path: Path, exclusive: bool = False) -> Iterator[None]:
-    """Shared while a scrape reads the files; exclusive while the supervisor folds a dead worker's."""
+    """Shared while a scrape reads the files (waits); exclusive while the supervisor folds a dead worker's (never
+    waits: BlockingIOError)."""
     with open(path / SCRAPE_LOCK, "rb") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
         yield  # closing the file releases the lock

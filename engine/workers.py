@@ -19,6 +19,8 @@ import multiprocessing
 import os
 import signal
 import socket
+import struct
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
@@ -38,7 +40,9 @@ log = logging.getLogger("hotserve.supervisor")
 
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # backoff of a worker's restarts; reset after it ran RESTART_MAX calmly
 HUNG_AFTER = 30.0  # seconds without a heartbeat: the worker's loop is blocked (a 200 MB receive blocks it ≈ 1 s)
+FOLD_RETRY = 0.1  # seconds between tries to fold a dead worker's metrics while a scrape holds their lock
 EXIT_AFTER = 30.0  # seconds between a worker closing its pipe (the end of its shutdown) and its exit at the latest
+SEND_TIMEOUT = 5.0  # seconds a send to a worker may wait for room in its pipe: one that does not read is hung
 assert HUNG_AFTER > 10 * HEARTBEAT_SECONDS
 
 
@@ -52,6 +56,11 @@ class _Worker:
     heard: float = 0.0  # when its last message came (any message is a heartbeat); 0: since `started`
     closed_at: float | None = None  # when its pipe read EOF
     killed: str | None = None  # why the watchdog killed it
+
+    def __post_init__(self) -> None:
+        # a worker that stops reading fills its pipe: a send then fails (EAGAIN) instead of blocking the supervisor
+        with socket.fromfd(self.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as pipe:  # a dup: same socket
+            pipe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
 
     def deadline(self, hung_after: float, exit_after: float) -> float:
         if self.killed is not None:
@@ -111,6 +120,7 @@ class WorkerSupervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._signals: list[int] = []
         self.metrics: MetricsDir | None = None
+        self._unfolded: dict[int, int] = {}  # pid → worker index: dead workers whose metrics await a free lock
         self.hung_after, self.exit_after = HUNG_AFTER, EXIT_AFTER  # instance fields: tests shorten them
 
     # ---- the loop ----
@@ -127,7 +137,12 @@ class WorkerSupervisor:
         worker_settings = replace(self.settings, port=held[0].port)
         for stale in clean_stale():
             log.info("Removed the metrics dir of a supervisor that is gone: %s", stale)
-        self.metrics = MetricsDir()
+        try:
+            self.metrics = MetricsDir()
+        except OSError as exc:
+            ports.release(held)
+            log.error("Cannot make the workers' metrics dir in %s (TMPDIR sets where): %s", tempfile.gettempdir(), exc)
+            return 1
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics.path)  # the spawned workers inherit it
         self._install_signals()
         rest = f" and REST port {self.settings.rest_port}" if self.settings.rest_port else ""
@@ -150,9 +165,12 @@ class WorkerSupervisor:
             if due <= now and not self._stopping:
                 del self._restart_at[index]
                 self._start(index, settings)
+        for pid, index in list(self._unfolded.items()):
+            self._fold(pid, index)
         due = [
             *self._restart_at.values(),
             *(w.deadline(self.hung_after, self.exit_after) for w in self._workers.values()),
+            *([now + FOLD_RETRY] if self._unfolded else []),
         ]
         timeout = max(0.0, min(due) - now) if due else None
         for ready in wait(self._waitables(), None if timeout == float("inf") else timeout):
@@ -173,14 +191,25 @@ class WorkerSupervisor:
                 continue
             if worker.closed_at is None:
                 silent = now - max(worker.heard, worker.started)
-                worker.killed = f"killed: no heartbeat for {silent:.0f} s (its event loop was blocked)"
+                self._kill(worker, f"killed: no heartbeat for {silent:.0f} s (its event loop was blocked)")
             else:
-                worker.killed = f"killed: still running {now - worker.closed_at:.0f} s after its shutdown ended"
-            log.error("Worker %d (pid %s) %s", worker.index, worker.process.pid, worker.killed)
-            if worker.process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.process.pid, signal.SIGKILL)
-            self._unanswered(worker)  # it will never answer: its reloads are answered without it now
+                self._kill(worker, f"killed: still running {now - worker.closed_at:.0f} s after its shutdown ended")
+
+    def _kill(self, worker: _Worker, why: str) -> None:
+        worker.killed = why
+        log.error("Worker %d (pid %s) %s", worker.index, worker.process.pid, why)
+        if worker.process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.process.pid, signal.SIGKILL)
+        self._unanswered(worker)  # it will never answer: its reloads are answered without it now
+
+    def _send(self, worker: _Worker, message: Reload | FleetReloaded) -> None:
+        try:
+            worker.conn.send(message)
+        except BlockingIOError:  # no room for SEND_TIMEOUT: it does not read (and the message may be half-sent)
+            self._kill(worker, f"killed: its pipe stayed full for {SEND_TIMEOUT:.0f} s (its event loop was blocked)")
+        except OSError:  # it is exiting: _exited() answers for it
+            pass
 
     def _waitables(self) -> list[Connection | socket.socket | int]:
         waitables: list[Connection | socket.socket | int] = [self._wake_r]
@@ -233,7 +262,7 @@ class WorkerSupervisor:
         """Every running worker reloads, one still starting too: its initial load may have read the files before the
         change (and with watching off nothing else would apply it); it answers once it has started."""
         request, self._next_reload = self._next_reload, self._next_reload + 1
-        targets = {w.index: w for w in self._workers.values() if not w.conn.closed}
+        targets = {w.index: w for w in self._workers.values() if not w.conn.closed and w.killed is None}
         fleet = _FleetReload(asker, asker_request, {i: w.process.pid or 0 for i, w in targets.items()})
         self._reloads[request] = fleet
         if asker is None:
@@ -241,8 +270,7 @@ class WorkerSupervisor:
         else:
             log.info("Reload requested through worker %d: reloading %d worker(s)", asker.index, len(targets))
         for worker in targets.values():
-            with contextlib.suppress(OSError):  # it is exiting: _exited() answers for it
-                worker.conn.send(Reload(request))
+            self._send(worker, Reload(request))
         self._finish_reload(request)
 
     def _reloaded(self, index: int, request: int, result: ReloadResult) -> None:
@@ -253,8 +281,8 @@ class WorkerSupervisor:
         self._finish_reload(request)
 
     def _finish_reload(self, request: int) -> None:
-        fleet = self._reloads[request]
-        if fleet.waiting:
+        fleet = self._reloads.get(request)
+        if fleet is None or fleet.waiting:  # None: finished already (a worker killed while it was being asked)
             return
         del self._reloads[request]
         result = combine(fleet.results, fleet.missing)
@@ -263,9 +291,8 @@ class WorkerSupervisor:
                 log.info("Reload on SIGHUP done: OK (%d worker(s))", len(fleet.results))
             else:
                 log.error("Reload on SIGHUP done with %d error(s): %s", len(result.errors), "; ".join(result.errors))
-        elif self._workers.get(fleet.asker.index) is fleet.asker:
-            with contextlib.suppress(OSError):
-                fleet.asker.conn.send(FleetReloaded(fleet.asker_request, result))
+        elif self._workers.get(fleet.asker.index) is fleet.asker and fleet.asker.killed is None:
+            self._send(fleet.asker, FleetReloaded(fleet.asker_request, result))
 
     def _unanswered(self, worker: _Worker) -> None:
         """Its pipe is gone or it was killed: the fleet reloads it had not answered are answered without it."""
@@ -282,11 +309,8 @@ class WorkerSupervisor:
         pid = worker.process.pid
         del self._workers[worker.index]
         worker.conn.close()
-        if self.metrics is not None and pid is not None:
-            try:
-                self.metrics.fold(pid)  # its live gauges go; its counters join the archive
-            except (OSError, ValueError) as exc:  # the metrics must not take the fleet down
-                log.warning("Could not fold the metrics files of worker %d (pid %s): %s", worker.index, pid, exc)
+        if pid is not None:
+            self._fold(pid, worker.index)
         self._unanswered(worker)
         if self._stopping:
             log.info("Worker %d (pid %s) stopped (%s)", worker.index, pid, _exit_text(code))
@@ -306,6 +330,21 @@ class WorkerSupervisor:
         log.error("Worker %d (pid %s) exited (%s); restarting it in %.1f s", worker.index, pid, _exit_text(code), delay)
         self._restart_at[worker.index] = time.monotonic() + delay
         self._delay[worker.index] = min(RESTART_MAX, delay * 2)
+
+    def _fold(self, pid: int, index: int) -> None:
+        """Its live gauges go; its counters join the archive. Never waits for a scrape: one in a hung worker would
+        keep the watchdog that kills it from running."""
+        if self.metrics is None:
+            return
+        try:
+            folded = self.metrics.fold(pid)
+        except (OSError, ValueError) as exc:  # the metrics must not take the fleet down
+            log.warning("Could not fold the metrics files of worker %d (pid %s): %s", index, pid, exc)
+            folded = 0
+        if folded is None:
+            self._unfolded[pid] = index
+        else:
+            self._unfolded.pop(pid, None)
 
     # ---- signals ----
     def _install_signals(self) -> None:

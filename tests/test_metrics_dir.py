@@ -4,16 +4,20 @@ fold. Real processes write the files with prometheus_client itself."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import shutil
 import signal
-import threading
+import subprocess
+import sys
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 import scripted_worker
+from conftest import ROOT
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -84,13 +88,39 @@ def test_a_stale_dir_is_known_by_its_free_lock_not_by_a_pid(tmp_path: Path) -> N
     assert making.is_dir()  # a dir still being made is not a metrics dir yet
 
 
-def test_a_fold_waits_for_the_scrapes_reading_the_files(metrics: MetricsDir) -> None:
+def test_a_fold_never_runs_while_a_scrape_reads_the_files(metrics: MetricsDir) -> None:
     pid = run(scripted_worker.record_metrics, str(metrics.path), 1)
-    folded = threading.Event()
     with scrape_lock(metrics.path):
-        folding = threading.Thread(target=lambda: (metrics.fold(pid), folded.set()))
-        folding.start()
-        assert not folded.wait(0.5)  # a scrape is reading: the dead worker's files stay until it is done
+        assert metrics.fold(pid) is None  # not now, and without waiting: the supervisor tries again later
         assert (metrics.path / f"counter_{pid}.db").exists()
-    folding.join(30)
-    assert folded.is_set() and not (metrics.path / f"counter_{pid}.db").exists()
+    assert metrics.fold(pid) == 2 and not (metrics.path / f"counter_{pid}.db").exists()
+
+
+def test_an_older_hotserve_s_dir_is_kept_while_its_supervisor_lives(tmp_path: Path) -> None:
+    """Before the lock, a dir was named after its supervisor's pid (`hotserve-metrics-<pid>-<random>`) and never
+    locked: a free lock says nothing about it. One of a live older supervisor (an upgrade in place) stays."""
+    live = tmp_path / f"hotserve-metrics-{os.getpid()}-k3j2h1g0"
+    live.mkdir()
+    (live / "counter_1.db").write_bytes(b"")
+    dead = tmp_path / f"hotserve-metrics-{run(os.getpid)}-a1b2c3d4"  # a process that has exited
+    dead.mkdir()
+    assert clean_stale(tmp_path) == [dead]
+    assert live.is_dir() and (live / "counter_1.db").exists() and not dead.exists()
+
+
+def test_a_fold_on_a_full_tmp_fails_cleanly_and_loses_nothing(tmp_path: Path) -> None:
+    """prometheus_client writes through an mmap: on a full filesystem that is a SIGBUS, which would kill the
+    supervisor (and with it the fleet). The archive's bytes are allocated first, so a full tmp is ENOSPC."""
+    script = f"import sys; sys.path[:0] = {[str(ROOT), str(ROOT / 'tests')]!r}; import scripted_worker as s; "
+    script += f"s.fold_on_a_full_tmp({str(tmp_path)!r})"
+    mount = f'mount -t tmpfs -o size=2m hotserve-test {tmp_path} && exec {sys.executable} -c "{script}"'
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces here: cannot mount a small tmpfs")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["full"] == "ENOSPC"  # an error the supervisor logs, not a crash
+    before, after_full, after = ([tuple(s) for s in sums] for sums in report["sums"])
+    counted = [s for s in before if not s[0].startswith("state")]  # the live gauge goes at the first try
+    assert after_full == counted and after == counted  # a fold that stopped half-way counts nothing twice
+    assert report["then"] == 1  # the histogram's, left by the full tmp, is folded once there is room

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,6 +257,24 @@ def test_a_fleet_cannot_join_a_single_servers_port(tmp_path: Path, serve) -> Non
     assert f"Cannot start gRPC server on 127.0.0.1:{single.port}: port is busy" in fleet.log, fleet.log
     assert "Worker 1" not in fleet.log  # refused before any worker started
     np.testing.assert_allclose(grpc_infer(single.address), X + 1)
+
+
+def test_a_full_tmp_fails_the_start_up_with_a_clear_error(tmp_path: Path) -> None:
+    """The metrics dir cannot be made (here: a tmpfs with one inode free, which tempfile's own probe frees again):
+    a logged error naming the dir and exit 1, not a traceback."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces here: cannot mount a small tmpfs")
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps({"model_config_list": []}))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    serve = f"{sys.executable} -m engine serve --config_path {config} --port 0 --grpc_workers 2"
+    script = f"mount -t tmpfs -o size=1m,nr_inodes=2 hotserve-test {tmp} && TMPDIR={tmp} exec {serve}"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log
+    assert f"Cannot make the workers' metrics dir in {tmp} (TMPDIR sets where): [Errno 28]" in log, log
+    assert "Traceback" not in log and "Worker 1" not in log
 
 
 def test_fleet_reload_result_names_the_worker_that_failed() -> None:
