@@ -26,13 +26,16 @@ def free_port() -> int:
 class ServerProcess:
     """One `python -m engine serve` process; `port` is read from its 'Started gRPC server on port N' line."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, program: list[str] | None = None
+    ) -> None:
+        """`program`: what runs `serve` (default `python -m engine serve`; a benchmark may wrap it)."""
         if not any(a.startswith("--drain_seconds") for a in args):
             args = [*args, "--drain_seconds", "0"]  # stop at once at teardown; drain tests ask for their window
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--grpc_bind_address", "127.0.0.1", *args],
+            [*(program or [sys.executable, "-m", "engine", "serve"]), "--grpc_bind_address", "127.0.0.1", *args],
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
