@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import metrics_dir
 from .cache import ModelCache
 from .metrics_dir import scrape_lock
 from .registry import Registry
@@ -77,6 +78,7 @@ class Metrics:
 
             self._fleet = _FleetState(registry, reconciler, self)
             self._dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])  # the supervisor's (engine/metrics_dir.py)
+            self._held = metrics_dir.hold(self._dir)  # kept while this worker lives, even past its supervisor
             self._scrape = CollectorRegistry()  # every worker's files, and the cache dir they share
             self._scrape.register(_Known(mp.MultiProcessCollector(None), registry))
             self._scrape.register(_CacheDirCollector(cache))

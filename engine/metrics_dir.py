@@ -1,7 +1,8 @@
 """The shared metrics dir of `--grpc_workers N`: prometheus_client's multiprocess files, owned by the supervisor.
 
-- Its life is an flock on the dir that the supervisor holds until it exits; a later supervisor removes any dir whose
-  lock is free (its owner is gone, however it died), never one judged by a pid that may have been reused. An older
+- Its life is a shared flock on the dir that the supervisor and each worker hold until they exit; a later supervisor
+  removes any dir it can lock exclusively (all of them are gone, however they died: a worker left draining by a
+  killed supervisor keeps its dir), never one judged by a pid that may have been reused. An older
   hotserve's dir (`hotserve-metrics-<pid>-…`, never locked) is kept while that pid runs: a leak, never a live loss.
 - A dead worker's counters, histograms and summaries are folded into one `<type>_archive.db` per type and its own
   files deleted: sums stay right and monotonic, and a worker in a crash loop does not pile up files that every
@@ -30,14 +31,14 @@ SCRAPE_LOCK = ".scrape"
 FOLDED = ("counter", "histogram", "summary")  # the types whose values outlive their process (live gauges do not)
 
 
-def _locked(path: Path) -> int | None:
-    """An exclusive flock on `path` (a dir) if nobody holds one: its fd, else None."""
+def _locked(path: Path, shared: bool = False) -> int | None:
+    """A flock on `path` (a dir), never waiting: shared (a user) or exclusive (nobody uses it). → its fd, or None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # no symlink swapped in after the checks
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         return None
@@ -97,7 +98,7 @@ class MetricsDir:
         base = Path(parent or tempfile.gettempdir())
         making = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=base))
         self.path = base / making.name[1:]
-        fd = _locked(making)
+        fd = _locked(making, shared=True)
         try:
             if fd is None:
                 raise OSError(f"cannot lock the new metrics dir {making}")
@@ -147,6 +148,14 @@ class MetricsDir:
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._fd)
+
+
+def hold(path: Path) -> int:
+    """A worker's share of the dir's life (its fd, open until the process exits): see the module's docstring."""
+    fd = _locked(path, shared=True)
+    if fd is None:
+        raise OSError(f"cannot hold the metrics dir {path}: gone, or being removed")
+    return fd
 
 
 @contextlib.contextmanager

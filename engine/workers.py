@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hotserve.supervisor")
 
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # backoff of a worker's restarts; reset after it ran RESTART_MAX calmly
-HUNG_AFTER = 30.0  # seconds without a heartbeat: the worker's loop is blocked (a 200 MB receive blocks it ≈ 1 s)
+HUNG_AFTER = 30.0  # seconds without a heartbeat: the worker's loop is blocked (a 200 MB receive blocks it 0.2–0.6 s)
 FOLD_RETRY = 0.1  # seconds between tries to fold a dead worker's metrics while a scrape holds their lock
 EXIT_AFTER = 30.0  # seconds between a worker closing its pipe (the end of its shutdown) and its exit at the latest
 SEND_TIMEOUT = 5.0  # seconds a send to a worker may wait for room in its pipe: one that does not read is hung
@@ -53,6 +53,7 @@ class _Worker:
     conn: Connection
     started: float
     ready: bool = False
+    ready_at: float = 0.0
     heard: float = 0.0  # when its last message came (any message is a heartbeat); 0: since `started`
     closed_at: float | None = None  # when its pipe read EOF
     killed: str | None = None  # why the watchdog killed it
@@ -238,7 +239,7 @@ class WorkerSupervisor:
 
     def _message(self, worker: _Worker, message: object, settings: Settings) -> None:
         if isinstance(message, Ready):
-            worker.ready = True
+            worker.ready, worker.ready_at = True, time.monotonic()
             log.info("Worker %d ready (pid %d)", worker.index, message.pid)
             if worker.index == 1 and not self._all_ready and not self._stopping:
                 for index in range(2, self.count + 1):  # after worker 1: they import its compiles from the cache
@@ -325,8 +326,8 @@ class WorkerSupervisor:
             self._stop(signal.SIGTERM)
             return
         delay = self._delay[worker.index]
-        if time.monotonic() - worker.started > RESTART_MAX:
-            delay = RESTART_FIRST  # it ran calmly for a while: a new problem
+        if worker.ready and worker.killed is None and time.monotonic() - worker.ready_at > RESTART_MAX:
+            delay = RESTART_FIRST  # it served calmly for a while: a new problem (one that hangs at each start is not)
         log.error("Worker %d (pid %s) exited (%s); restarting it in %.1f s", worker.index, pid, _exit_text(code), delay)
         self._restart_at[worker.index] = time.monotonic() + delay
         self._delay[worker.index] = min(RESTART_MAX, delay * 2)

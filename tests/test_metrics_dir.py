@@ -34,6 +34,15 @@ def own_dir(parent: str, report: Connection) -> None:
     report.recv()
 
 
+def hold_dir(path: str, report: Connection) -> None:
+    """A worker holding its share of the dir, until this process dies."""
+    from engine.metrics_dir import hold
+
+    hold(Path(path))
+    report.send("held")
+    report.recv()
+
+
 def sums(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, str(path))
@@ -81,9 +90,15 @@ def test_a_stale_dir_is_known_by_its_free_lock_not_by_a_pid(tmp_path: Path) -> N
     assert clean_stale(tmp_path) == [] and alive.is_dir()  # its owner lives
     making = tmp_path / ".hotserve-metrics-being-made"
     making.mkdir()
-    assert owner.pid is not None
+    worker = CONTEXT.Process(target=hold_dir, args=(str(alive), report_w))
+    worker.start()
+    assert report_r.recv() == "held"
+    assert owner.pid is not None and worker.pid is not None
     os.kill(owner.pid, signal.SIGKILL)  # dies without cleaning up
     owner.join()
+    assert clean_stale(tmp_path) == [] and alive.is_dir()  # a worker left draining still uses it
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
     assert clean_stale(tmp_path) == [alive] and not alive.exists()
     assert making.is_dir()  # a dir still being made is not a metrics dir yet
 

@@ -95,6 +95,19 @@ def test_a_worker_without_heartbeat_is_killed_and_a_reload_is_answered_without_i
     assert fleet_reload.missing == {2: (hung.process.pid, hung.killed)} and list(fleet_reload.waiting) == [1]
 
 
+def test_a_worker_that_hangs_at_every_start_backs_off_further_each_time(fleet: Fleet) -> None:
+    """Killed as hung 30 s after its start, it must not count as having run calmly (which resets the backoff)."""
+    delays = []
+    for _ in range(3):
+        hung = fleet.add(2, scripted_worker.silent)
+        hung.ready = False  # it never said Ready: its first load hangs
+        fleet.supervisor._all_ready = True  # the fleet started long ago: this is a restart, not the first start
+        fleet.overdue(hung)
+        fleet.step_until(lambda: 2 not in fleet.supervisor._workers)
+        delays.append(fleet.supervisor._restart_at.pop(2) - time.monotonic())
+    assert delays[1] > delays[0] + 0.25 and delays[2] > delays[1] + 0.5, delays  # 0.5, 1, 2 s: not 0.5 each time
+
+
 def test_the_reload_result_names_the_killed_worker(fleet: Fleet) -> None:
     fleet.overdue(fleet.add(1, scripted_worker.silent))
     fleet.supervisor._stopping = True  # no restart: the test ends when it is gone

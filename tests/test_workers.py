@@ -33,7 +33,7 @@ from harness import free_port
 from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.metrics_dir import MetricsDir
+from engine.metrics_dir import MetricsDir, clean_stale
 from engine.settings import Settings
 from engine.status import ReloadResult
 from engine.workers import WorkerSupervisor, _Worker, combine
@@ -117,7 +117,7 @@ def fleet(tmp_path: Path, serve):  # type: ignore[no-untyped-def]
 
 
 def test_two_workers_share_both_ports_and_sum_their_metrics(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server, rest_port, config = fleet("--cache_dir", str(tmp_path / "cache"))
+    server, rest_port, config = fleet("--cache_dir", str(tmp_path / "cache"), "--drain_seconds", "60")
     pids = worker_pids(server)
     assert len(set(pids)) == 2 and server.proc.pid not in pids
     loaded = r"Loaded model m; version: 1; .*; loaded from cache: {}"
@@ -163,10 +163,15 @@ def test_two_workers_share_both_ports_and_sum_their_metrics(fleet, tmp_path: Pat
         assert other.returncode == 1 and error in other.stderr, other.stderr
     assert rest_infer(rest_port)[0] == 200
 
-    # the supervisor killed outright: its workers see their pipe close and stop on their own
+    # the supervisor killed outright: its workers see their pipe close and stop on their own, draining meanwhile;
+    # their metrics dir is theirs until they are gone (the next fleet's clean-up must not take it from under them)
+    metrics_dir = Path(re.search(r"; metrics dir (\S+)", server.log).group(1))  # type: ignore[union-attr]
     server.proc.kill()
     for pid in pids:
-        server.wait_for(rf"\[{pid}\]\[hotserve.worker\]\[WARNING\] The worker supervisor is gone", exited=True)
+        server.wait_for(rf"\[{pid}\]\[hotserve.server\]\[INFO\] Draining: still serving", exited=True)
+    assert clean_stale(metrics_dir.parent) == [] and metrics_dir.is_dir()
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)  # a second one: the drain window ends now
         server.wait_for(rf"\[{pid}\]\[hotserve.server\]\[INFO\] Shutdown complete", exited=True)
 
 
