@@ -16,6 +16,7 @@ from . import cache as cache_rules
 from .frontend import kserve, offload, rest, stream, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
+from .frontend.registration import GenericOnly
 from .metrics import Metrics
 from .reconciler import Reconciler
 from .registry import Registry
@@ -90,9 +91,7 @@ class Server:
                 ("grpc.so_reuseport", int(self.link is not None)),
             ]
         )
-        services = [kserve.register(self.grpc, self.plane, self.streams), *tfs.register(self.grpc, self.plane)]
-        services.append(self.health.register(self.grpc))
-        enable_reflection(self.grpc, services)
+        self._register_services(self.grpc)
         await self.health.start()  # "" NOT_SERVING before the first RPC can ask
         if self.link is None:
             await self._listen(max_request)
@@ -112,6 +111,12 @@ class Server:
             self.supervisor.keep("metrics sync", self.metrics.run)
             self.link.ready()
         self.watcher.start(self.supervisor)
+
+    def _register_services(self, server: grpc.aio.Server) -> None:
+        registrar = GenericOnly(server)  # KServe first: generic handlers are tried in the order they came
+        services = [kserve.register(registrar, self.plane, self.streams), *tfs.register(registrar, self.plane)]
+        services.append(self.health.register(registrar))
+        enable_reflection(registrar, services)
 
     async def _listen(self, max_request: int) -> None:
         assert self.grpc is not None

@@ -1,10 +1,10 @@
-"""The one mapping of serving errors to gRPC status codes, applied to every RPC handler; handler replacement."""
+"""The one mapping of serving errors to gRPC status codes, applied to every RPC handler."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -46,19 +46,3 @@ def _model_of(request: Any) -> str:
             return value
     spec = getattr(request, "model_spec", None)
     return spec.name if spec is not None else ""
-
-
-class Replacing:
-    """Hands the generated registration code a server whose handlers for some methods are swapped for ours."""
-
-    def __init__(self, server: grpc.aio.Server, replace: dict[str, grpc.RpcMethodHandler]) -> None:
-        self._server = server
-        self._replace = replace
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        pass  # add_registered_method_handlers below registers the generic handler, with the swapped methods
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        handlers = {**handlers, **self._replace}
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-        self._server.add_registered_method_handlers(service, handlers)

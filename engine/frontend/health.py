@@ -13,9 +13,10 @@ import asyncio
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from .dataplane import DataPlane
+from .registration import GenericOnly
 
 SYNC_SECONDS = 0.25
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -80,7 +81,7 @@ class Health:
         self._known: dict[str, int] = {}
         self._draining: asyncio.Task[None] | None = None  # keeps drain()'s task referenced until it is done
 
-    def register(self, server: grpc.aio.Server) -> str:
+    def register(self, server: GenericOnly) -> str:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         return health.SERVICE_NAME
 
@@ -117,5 +118,7 @@ class Health:
         await self.servicer.end_watches()
 
 
-def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
-    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+def enable_reflection(server: GenericOnly, services: list[str]) -> None:
+    """grpc_reflection's enable_server_reflection for a grpc.aio server, registered through `server`."""
+    servicer = reflection.aio.ReflectionServicer([*services, reflection.SERVICE_NAME])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)

@@ -17,7 +17,8 @@ from .dataplane import DataPlane, Tensor, parse_version
 from .generated.inference import grpc_service_pb2 as pb
 from .generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .generated.inference import model_config_pb2 as mc
-from .grpc_errors import Replacing, guarded
+from .grpc_errors import guarded
+from .registration import GenericOnly
 from .routing_wire import labels_note, route_key
 from .tensor import make_tensor
 
@@ -198,7 +199,7 @@ def _decode_inputs(wire: kserve_wire.InferRequest) -> list[Tensor]:
     return tensors
 
 
-def register(server: grpc.aio.Server, plane: DataPlane, streams: stream.Streams) -> str:
+def register(server: GenericOnly, plane: DataPlane, streams: stream.Streams) -> str:
     servicer = KServeServicer(plane, streams)
     infer = grpc.unary_unary_rpc_method_handler(
         servicer.ModelInfer,
@@ -211,5 +212,5 @@ def register(server: grpc.aio.Server, plane: DataPlane, streams: stream.Streams)
         response_serializer=pb.ModelStreamInferResponse.SerializeToString,
     )
     replaced = {"ModelInfer": infer, "ModelStreamInfer": streamed}
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Replacing(server, replaced))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server.replacing(replaced))
     return pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -28,7 +28,8 @@ from .generated.tensorflow_serving.apis import (
     prediction_service_pb2,
     prediction_service_pb2_grpc,
 )
-from .grpc_errors import Replacing, guarded
+from .grpc_errors import guarded
+from .registration import GenericOnly
 from .routing_wire import metadata_key
 from .tensor import make_tensor
 
@@ -184,7 +185,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def register(server: grpc.aio.Server, plane: DataPlane) -> list[str]:
+def register(server: GenericOnly, plane: DataPlane) -> list[str]:
     servicer = PredictionServicer(plane)
     predict = grpc.unary_unary_rpc_method_handler(
         servicer.Predict,
@@ -192,7 +193,7 @@ def register(server: grpc.aio.Server, plane: DataPlane) -> list[str]:
         response_serializer=predict_pb2.PredictResponse.SerializeToString,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        servicer, Replacing(server, {"Predict": predict})
+        servicer, server.replacing({"Predict": predict})
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(plane), server)
     # importing the services' own pb2 modules also puts their descriptors where reflection looks
