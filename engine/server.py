@@ -42,7 +42,7 @@ class Server:
         self.source = config_source(settings)
         cache = cache_rules.ModelCache.open(settings.cache_dir, settings.cache_size_limit)
         self.registry = Registry()
-        runtime = Runtime(cache)
+        runtime = Runtime(cache, replica=link is not None)
         self.reconciler = Reconciler(self.source, self.registry, runtime)
         self.metrics = Metrics(self.registry, self.reconciler, cache, multiprocess=link is not None)
         runtime.batch_observer = self.metrics
