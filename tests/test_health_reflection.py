@@ -72,6 +72,18 @@ def test_health_overall_and_per_model_follows_the_registry(env) -> None:  # type
     assert status("") == SERVING
 
 
+def test_health_list_is_a_snapshot_of_every_name(env) -> None:  # type: ignore[no-untyped-def]
+    """grpc.health.v1's List (reflection lists it) answers what Check would for each name, not UNIMPLEMENTED."""
+    server, _, _ = env
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert {name: answer.status for name, answer in listed.items()} == {
+        "": SERVING,
+        "dummy": SERVING,
+        "broken": NOT_SERVING,
+    }
+
+
 def test_health_watch_streams_a_change(env) -> None:  # type: ignore[no-untyped-def]
     server, config, tmp_path = env
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
