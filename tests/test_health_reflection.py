@@ -72,6 +72,18 @@ def test_health_overall_and_per_model_follows_the_registry(env) -> None:  # type
     assert status("") == SERVING
 
 
+def test_health_list_is_a_snapshot_of_every_name(env) -> None:  # type: ignore[no-untyped-def]
+    """grpc.health.v1's List (reflection lists it) answers what Check would for each name, not UNIMPLEMENTED."""
+    server, _, _ = env
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=10).statuses
+    assert {name: answer.status for name, answer in listed.items()} == {
+        "": SERVING,
+        "dummy": SERVING,
+        "broken": NOT_SERVING,
+    }
+
+
 def test_health_watch_streams_a_change(env) -> None:  # type: ignore[no-untyped-def]
     server, config, tmp_path = env
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
@@ -144,3 +156,37 @@ def test_reflection_lists_and_resolves_every_service(env) -> None:  # type: igno
         "tensorflow.TensorProto"
     )
     assert pool.FindMessageTypeByName("tensorflow.serving.SignatureDefMap").fields_by_name["signature_def"]
+
+
+def test_every_listed_method_reaches_its_handler_over_the_wire(env) -> None:  # type: ignore[no-untyped-def]
+    """Every method reflection lists is served (services go onto grpc.aio as generic handlers only): an empty
+    request gets the method's own answer, never grpc's "Method not found!", which an unknown method still gets."""
+    server, _, _ = env
+    channel = grpc.insecure_channel(server.address)
+    database = ProtoReflectionDescriptorDatabase(channel)
+    pool = DescriptorPool(database)
+    missing = "Method not found!"
+
+    def details(path: str, streaming: tuple[bool, bool]) -> str:
+        try:
+            if streaming == (False, False):
+                channel.unary_unary(path)(b"", timeout=10)
+            elif streaming == (False, True):
+                next(channel.unary_stream(path)(b"", timeout=10))
+            else:
+                next(channel.stream_stream(path)(iter([b""]), timeout=10), None)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        return "OK"
+
+    answers = {
+        f"/{name}/{m.name}": details(f"/{name}/{m.name}", (m.client_streaming, m.server_streaming))
+        for name in database.get_services()
+        for m in pool.FindServiceByName(name).methods
+    }
+    assert len(answers) >= 20, answers
+    assert not [path for path, said in answers.items() if missing in said], answers
+    assert answers["/tensorflow.serving.ModelService/HandleReloadConfigRequest"] == "OK"
+    assert answers["/inference.GRPCInferenceService/ModelInfer"].startswith("NOT_FOUND")  # our handler said so
+    for unknown in ["/inference.GRPCInferenceService/Nope", "/nope.Service/ModelInfer"]:
+        assert details(unknown, (False, False)) == f"UNIMPLEMENTED: {missing}"

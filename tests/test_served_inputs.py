@@ -12,6 +12,7 @@ import numpy as np
 import openvino as ov
 import pytest
 
+from engine import served as served_module
 from engine.served import SMALL_INPUT_BYTES, ServedVersion
 
 
@@ -22,11 +23,17 @@ def served(folder: Path, shape: tuple[int, ...]) -> ServedVersion:
     return ServedVersion("m", 1, compiled, 1, False, "disabled", {})
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["async", "inline"])  # each path sets inputs itself
 @pytest.mark.parametrize("shape", [(2, 5), (64, 64)])  # 40 bytes: the own tensor; 16 KiB: wrapped in place
-def test_each_call_answers_its_own_inputs_whichever_path_the_last_took(tmp_path: Path, shape: tuple[int, ...]) -> None:
+def test_each_call_answers_its_own_inputs_whichever_path_the_last_took(
+    tmp_path: Path, shape: tuple[int, ...], inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(served_module, "INLINE_AFTER", 10**9)  # the path stays the one chosen, however fast
+    monkeypatch.setattr(served_module, "INLINE_SLOW_RUNS", 10**9)  # or slow (a busy host)
     version = served(tmp_path / "m", shape)
     small = int(np.prod(shape)) * 4 < SMALL_INPUT_BYTES
     (call,) = [c for _, c in version._start(asyncio.new_event_loop())._queue]  # type: ignore[attr-defined]
+    version._inline = inline
     assert (call.own[0] is not None) == small
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -43,3 +50,4 @@ def test_each_call_answers_its_own_inputs_whichever_path_the_last_took(tmp_path:
         readonly = np.frombuffer(x.tobytes(order="C"), np.float32).reshape(shape) if order == "C" else x
         np.testing.assert_array_equal(run(readonly), x + 1)
         assert call.bound[0] == (small and order == "C")  # the own tensor is set again after a converted call
+        assert version._inline == inline

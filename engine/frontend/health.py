@@ -62,6 +62,13 @@ class _Servicer(health.aio.HealthServicer):
             if task is not None:
                 self.watches.pop(task, None)
 
+    async def List(  # type: ignore[override]
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        """grpcio's servicer leaves List (which reflection lists) unimplemented: each name's status, as Check."""
+        statuses = {name: health_pb2.HealthCheckResponse(status=s) for name, s in self._server_status.items()}
+        return health_pb2.HealthListResponse(statuses=statuses)
+
     async def end_watches(self) -> None:
         """End every open Watch once it has sent the current status (bounded), so it never holds the shutdown."""
         deadline = asyncio.get_running_loop().time() + WATCH_FLUSH_SECONDS
