@@ -33,3 +33,14 @@ def test_one_process_keeps_openvinos_default(tmp_path: Path) -> None:
     served = Runtime(None).load(ModelConfig(name="m", base_path=tmp_path / "m"), 1, Source(tmp_path / "m" / "1", None))
     default = ov.Core().get_property("CPU", "ENABLE_CPU_PINNING")
     assert served.compiled is not None and served.compiled.get_property("ENABLE_CPU_PINNING") == default
+
+
+def test_a_cache_warmed_by_one_process_serves_the_workers(tmp_path: Path) -> None:
+    """Going from one process to `--grpc_workers N` (or back) keeps the cache warm: pinning is not in the blob's key."""
+    from engine.cache import ModelCache
+
+    modelgen.add_const(tmp_path / "m" / "1")
+    model, source = ModelConfig(name="m", base_path=tmp_path / "m"), Source(tmp_path / "m" / "1", None)
+    first = Runtime(ModelCache.open(tmp_path / "cache")).load(model, 1, source)
+    worker = Runtime(ModelCache.open(tmp_path / "cache"), replica=True).load(model, 1, source)
+    assert not first.loaded_from_cache and worker.loaded_from_cache
