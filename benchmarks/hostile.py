@@ -40,6 +40,7 @@ from harness import ServerProcess
 RESULTS = Path(__file__).resolve().parent / "results"
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
 JUNK_MB = 200
+OVER_LIMIT_MB = 300  # past --max_request_mb's default 256: refused by grpc's C core before any Python runs
 
 
 def free_port() -> int:
@@ -74,14 +75,14 @@ def latencies(client, model: str, name: str, x: np.ndarray, seconds: float) -> d
     return _stats(_samples(client, model, name, x, seconds))
 
 
-def _junk_grpc(address: str, stop: Any, sent: Any) -> None:
+def _junk_grpc(address: str, stop: Any, sent: Any, mb: int = JUNK_MB) -> None:
     """Pre-serialized junk, sent as raw bytes: the junk client's own CPU stays small."""
     import grpc
     from tritonclient.grpc import service_pb2
 
     big = service_pb2.ModelInferRequest(model_name="tiny")
     big.inputs.add(name="b", datatype="FP32", shape=[1, 10])
-    big.raw_input_contents.append(b"\0" * (JUNK_MB << 20))
+    big.raw_input_contents.append(b"\0" * (mb << 20))
     garbage = service_pb2.ModelInferRequest(model_name="tiny")
     garbage.inputs.add(name="b", datatype="BYTES", shape=[1, 1000])
     garbage.raw_input_contents.append(b"\xff" * 4000)
@@ -107,10 +108,11 @@ def _junk_rest(url: str, stop: Any, sent: Any) -> None:
             sent.value += 1
 
 
-def under_junk(kind: str, target: str, measure) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-def]
+def under_junk(kind: str, target: str, measure, mb: int = JUNK_MB) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-def]
     ctx = multiprocessing.get_context("spawn")
     stop, sent = ctx.Event(), ctx.Value("i", 0)
-    proc = ctx.Process(target=_junk_grpc if kind == "grpc" else _junk_rest, args=(target, stop, sent))
+    junk, args = (_junk_grpc, (target, stop, sent, mb)) if kind == "grpc" else (_junk_rest, (target, stop, sent))
+    proc = ctx.Process(target=junk, args=args)
     proc.start()
     time.sleep(3.0)  # the junk is flowing (and its 200 MB is built) before measuring
     try:
@@ -151,6 +153,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--quick", action="store_true", help="2 s per measurement")
+    parser.add_argument("--junk_only", action="store_true", help="part 1 only")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else args.seconds
     import tritonclient.grpc as grpcclient
@@ -182,6 +185,7 @@ def main() -> int:
             alone = measure()
             control, control_sent = under_junk("grpc", other.address, measure)
             grpc_junk, grpc_sent = under_junk("grpc", server.address, measure)
+            over, over_sent = under_junk("grpc", server.address, measure, OVER_LIMIT_MB)
             rest_control, rest_control_sent = under_junk("rest", f"http://127.0.0.1:{other_port}", measure)
             rest_junk, rest_sent = under_junk("rest", f"http://127.0.0.1:{port}", measure)
         finally:
@@ -196,10 +200,13 @@ def main() -> int:
             "alone": alone,
             "grpc_junk_other_process": row(control, control_sent, control),
             "grpc_junk": row(grpc_junk, grpc_sent, control),
+            "grpc_junk_over_limit": row(over, over_sent, control),
             "rest_junk_other_process": row(rest_control, rest_control_sent, rest_control),
             "rest_junk": row(rest_junk, rest_sent, rest_control),
         }
 
+        if args.junk_only:
+            return _report(results)
         # ---- 2. TLS vs plaintext: hotserve and the bare grpc.aio server, all four up at once, measured in turns ----
         tls_args = ["--tls_cert", str(pair.cert), "--tls_key", str(pair.key)]
         plain, secure = serve("plain2"), serve("tls", *tls_args)
@@ -229,13 +236,17 @@ def main() -> int:
                      "bare_p50_overhead_ms": tiny["bare_tls"]["p50_ms"] - tiny["bare_plain"]["p50_ms"]},
             "conv": {**conv, "p50_overhead_ms": conv["tls"]["p50_ms"] - conv["plain"]["p50_ms"]},
         }  # fmt: skip
+    return _report(results)
 
+
+def _report(results: dict[str, Any]) -> int:
     junk = results["junk"]
     head = f"{'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 ×':>6} {'× ctrl':>6} {'junk':>5}"
     print(f"{'tiny model, well-behaved client':46} {head}")
     for label, key in (("alone", "alone"),
                        ("+ gRPC junk to another process (control)", "grpc_junk_other_process"),
                        (f"+ gRPC junk ({JUNK_MB} MB, BYTES garbage)", "grpc_junk"),
+                       (f"+ gRPC junk ({OVER_LIMIT_MB} MB: over the limit)", "grpc_junk_over_limit"),
                        ("+ REST junk to another process (control)", "rest_junk_other_process"),
                        (f"+ REST junk ({JUNK_MB} MB JSON)", "rest_junk")):  # fmt: skip
         r = junk[key]
@@ -243,7 +254,9 @@ def main() -> int:
             f"{r['p99_ratio']:6.2f} {r['p99_ratio_to_control']:6.2f} {r['junk_requests']:5d}" if key != "alone" else ""
         )
         print(f"{label:46} {r['requests']:9d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['max_ms']:8.1f} {ratios}")
-    tls = results["tls"]
+    tls = results.get("tls")
+    if tls is None:
+        return 0  # part 1 alone: nothing written over the full run's results
     print(f"\n{'TLS vs plaintext (gRPC), p50 / p99 ms':40} {'plain':>15} {'TLS':>15} {'p50 overhead':>13}")
     for label, model, plain_key, tls_key, over in (
         ("tiny, hotserve", "tiny", "plain", "tls", "p50_overhead_ms"),

@@ -15,6 +15,8 @@ from ..tensors import TensorSpec
 from . import offload
 from .client_log import client_errors
 from .dataplane import DataPlane, Tensor, parse_version
+from .rest_body import parse_infer
+from .rest_spool import spool
 
 SERVER_NAME = "hotserve"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
@@ -34,6 +36,10 @@ def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
         except ServingError as exc:
             client_errors.report("rest", request.match_info.get("name", ""), exc)
             return _error(exc.code.http_status, str(exc))
+        except ConnectionResetError:  # the client left before sending its whole body: nobody to answer
+            error = ServingError(Code.INVALID_ARGUMENT, "the client closed the connection in the middle of its body")
+            client_errors.report("rest", request.match_info.get("name", ""), error)
+            return _error(400, str(error))
         except web.HTTPRequestEntityTooLarge as exc:
             error = ServingError(Code.REQUEST_TOO_LARGE, f"limit {exc.max_size} bytes")  # aiohttp's own check
             client_errors.report("rest", request.match_info.get("name", ""), error)
@@ -154,7 +160,11 @@ def app(
             raise ServingError(
                 Code.REQUEST_TOO_LARGE, f"{request.content_length} bytes; limit {max_request_bytes} bytes"
             )
-        body = await offload.infer_body(await request.read())
+        if request.content_length is not None and request.content_length < offload.JSON_INLINE_BYTES:
+            body = parse_infer(await request.read())
+        else:  # large or chunked: spooled as it arrives, parsed off the loop
+            with await spool(request.content, max_request_bytes) as spooled:
+                body = await offload.infer_body(spooled)
         name = request.match_info["name"]
         version, outputs = await plane.infer(
             name,

@@ -1,0 +1,213 @@
+"""Large REST bodies (issue 10): spooled as they arrive into a memory file that the decoder process reads.
+
+Checked on a real server: large and chunked bodies are answered right, the limit holds for chunked bodies, no
+memory file outlives its request (refused, abandoned mid-body, or decoder killed mid-parse), and the decoder runs
+niced and first in line for the OOM killer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import modelgen
+import numpy as np
+import pytest
+from conftest import ServerProcess, model_entry
+
+LIMIT_MB = 16
+WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Env:
+    server: ServerProcess
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.server.proc.pid
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    root = tmp_path_factory.mktemp("spool")
+    modelgen.add_const(root / "wide" / "1", delta=1.0, shape=(1, -1))
+    config = root / "models.json"
+    config.write_text(json.dumps({"model_config_list": [model_entry("wide", root / "wide")]}))
+    port = free_port()
+    server = ServerProcess(
+        ["--config_path", str(config), "--port", "0", "--rest_port", str(port),
+         "--max_request_mb", str(LIMIT_MB), "--file_system_poll_wait_seconds", "0"],
+        tmp_path_factory.mktemp("logs") / "server.log",
+    ).wait_ready()  # fmt: skip
+    yield Env(server, port)
+    assert server.stop() == 0
+    assert "Traceback" not in server.log, server.log[-3000:]
+
+
+def body_for(values: np.ndarray) -> bytes:
+    shape = [1, int(values.size)]
+    return json.dumps({"inputs": [{"name": "b", "datatype": "FP32", "shape": shape, "data": values.tolist()}]}).encode()
+
+
+def post(env: Env, body: bytes | Iterator[bytes], chunked: bool = False) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+    url = f"http://127.0.0.1:{env.port}/v2/models/wide/infer"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # type: ignore[arg-type]
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def memfds(pid: int) -> list[str]:
+    """The memory files process `pid` holds open."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("/memfd:hotserve-body"):
+            found.append(target)
+    return found
+
+
+def spooled_sizes(pid: int) -> list[int]:
+    sizes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:hotserve-body"):
+                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+    return sizes
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def decoder_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def check_answer(env: Env, size: int = WIDE, chunked: bool = False) -> None:
+    values = np.arange(size, dtype=np.float32) / 7
+    status, answer = post(env, iter([body_for(values)]) if chunked else body_for(values), chunked=chunked)
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+
+
+def test_a_large_body_is_answered_through_the_decoder_process(env: Env) -> None:
+    check_answer(env)
+    assert decoder_pids(env.pid), "a body past 1 MiB is parsed in the decoder process"
+    assert memfds(env.pid) == []
+
+
+def test_chunked_bodies_small_and_large(env: Env) -> None:
+    check_answer(env, size=10, chunked=True)  # no Content-Length: spooled, then parsed inline
+    check_answer(env, chunked=True)
+
+
+def test_a_chunked_body_past_the_limit_is_refused(env: Env) -> None:
+    piece = b"0," * (1 << 19)  # 1 MiB per chunk, no Content-Length to check up front
+    head = b'{"inputs":[{"name":"b","datatype":"FP32","shape":[1,1],"data":['
+    chunks = iter([head, *[piece] * (LIMIT_MB + 2), b"0]}]}"])
+    status, answer = post(env, chunks, chunked=True)
+    assert status == 413 and "max_request_mb" in answer["error"] and f"{LIMIT_MB << 20} bytes" in answer["error"]
+    assert memfds(env.pid) == []
+    check_answer(env)
+
+
+def test_a_body_abandoned_half_way_leaves_no_memory_file(env: Env) -> None:
+    with socket.create_connection(("127.0.0.1", env.port)) as sock:
+        sock.sendall(
+            b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000000\r\n\r\n" + b"[" * 2_000_000
+        )
+        until(lambda: len(memfds(env.pid)) == 1, "the body being spooled")
+    until(lambda: memfds(env.pid) == [], "the abandoned body's memory file to be closed")
+    check_answer(env)
+
+
+def test_a_decoder_killed_mid_request_is_a_clear_error_and_the_next_body_is_served(env: Env) -> None:
+    check_answer(env)  # the decoder process is up
+    (decoder,) = decoder_pids(env.pid)
+    body = body_for(np.zeros(WIDE, dtype=np.float32))
+    os.kill(decoder, signal.SIGSTOP)  # it cannot finish this body before it is killed
+    try:
+        with socket.create_connection(("127.0.0.1", env.port)) as sock:
+            sock.sendall(
+                b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            until(lambda: spooled_sizes(env.pid) == [len(body)], "the whole body spooled")
+            os.kill(decoder, signal.SIGKILL)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(decoder, signal.SIGKILL)
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500"), answer[:300]
+    assert "the request decoder process died (out of memory or killed); try again" in json.loads(text)["error"]
+    assert memfds(env.pid) == []
+    check_answer(env)  # by a fresh decoder
+    assert decoder not in decoder_pids(env.pid)
+
+
+def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
+    """A 20 KB body waits for the decoder process (held stopped) while a small one is answered on the loop."""
+    check_answer(env)
+    (decoder,) = decoder_pids(env.pid)
+    medium = np.arange(3000, dtype=np.float32)  # ~20 KB of JSON: past the 16 KiB inline bound, far below 1 MiB
+    body = body_for(medium)
+    done: list[tuple[int, dict]] = []
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=lambda: done.append(post(env, body)))
+        sender.start()
+        until(lambda: spooled_sizes(env.pid) == [len(body)], "the medium body handed to the decoder")
+        check_answer(env, size=10)  # parsed inline meanwhile
+        assert not done
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    sender.join(60)
+    ((status, answer),) = done
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"][0]["data"], medium + 1)
+
+
+def test_the_decoder_yields_the_cpu_and_memory_to_the_server(env: Env) -> None:
+    check_answer(env)
+    (decoder,) = decoder_pids(env.pid)
+    nice = int(Path(f"/proc/{decoder}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    assert nice == 10
+    assert Path(f"/proc/{decoder}/oom_score_adj").read_text().strip() == "1000"
+    assert Path(f"/proc/{env.pid}/oom_score_adj").read_text().strip() == "0"
