@@ -1,8 +1,8 @@
 """Hostile clients and transport security (issue 10), measured against real server processes.
 
 1. p50/p99 of a tiny model for a well-behaved tritonclient alone, then while another process sends junk in a loop:
-   200 MB KServe requests whose raw contents do not fit the shape, 1 000-element BYTES garbage, and (REST) a 200 MB
-   JSON body. Goal: p99 with junk ≤ 2 × p99 alone.
+   200 MB KServe requests whose raw contents do not fit the shape, 1 000-element BYTES garbage, 300 MB ones (past
+   --max_request_mb), and (REST) 200 MB and 0.9 MB JSON bodies. Goal: p99 with junk ≤ 2 × p99 alone.
    A control sends the same junk to a second server process: what the junk costs the machine (2 shared cores),
    as against what it costs the server it is sent to.
 2. Request latency over TLS vs plaintext, tiny and conv models, hotserve and the bare grpc.aio server
@@ -40,7 +40,18 @@ from harness import ServerProcess
 RESULTS = Path(__file__).resolve().parent / "results"
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
 JUNK_MB = 200
-OVER_LIMIT_MB = 300  # past --max_request_mb's default 256: refused by grpc's C core before any Python runs
+JUNK = [  # (key, protocol, MB): each sent in a loop, alternating with 1 000-element BYTES garbage for gRPC
+    ("grpc_junk", "grpc", JUNK_MB),
+    ("grpc_junk_over_limit", "grpc", 300),  # past --max_request_mb's default 256: grpc's C core refuses it
+    ("rest_junk", "rest", JUNK_MB),
+    ("rest_junk_medium", "rest", 0.9),  # below the old 1 MiB inline bound: parsed on the loop, ~70 ms each
+]
+LABELS = {
+    "grpc_junk": f"gRPC junk ({JUNK_MB} MB, BYTES garbage)",
+    "grpc_junk_over_limit": "gRPC junk (300 MB: over the limit)",
+    "rest_junk": f"REST junk ({JUNK_MB} MB JSON)",
+    "rest_junk_medium": "REST junk (0.9 MB JSON, many)",
+}
 
 
 def free_port() -> int:
@@ -97,8 +108,8 @@ def _junk_grpc(address: str, stop: Any, sent: Any, mb: int = JUNK_MB) -> None:
                 sent.value += 1
 
 
-def _junk_rest(url: str, stop: Any, sent: Any) -> None:
-    count = (JUNK_MB << 20) // 2
+def _junk_rest(url: str, stop: Any, sent: Any, mb: float = JUNK_MB) -> None:
+    count = int(mb * (1 << 20)) // 2
     body = b'{"inputs":[{"name":"b","datatype":"FP32","shape":[1,10],"data":[' + b"0," * count + b"0]}]}"
     while not stop.is_set():
         request = urllib.request.Request(f"{url}/v2/models/tiny/infer", data=body, method="POST")
@@ -108,10 +119,11 @@ def _junk_rest(url: str, stop: Any, sent: Any) -> None:
             sent.value += 1
 
 
-def under_junk(kind: str, target: str, measure, mb: int = JUNK_MB) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-def]
+def under_junk(kind: str, target: str, measure, mb: float = JUNK_MB) -> tuple[dict[str, float], int]:  # type: ignore[no-untyped-def]
     ctx = multiprocessing.get_context("spawn")
     stop, sent = ctx.Event(), ctx.Value("i", 0)
-    junk, args = (_junk_grpc, (target, stop, sent, mb)) if kind == "grpc" else (_junk_rest, (target, stop, sent))
+    junk = _junk_grpc if kind == "grpc" else _junk_rest
+    args = (target, stop, sent, mb)
     proc = ctx.Process(target=junk, args=args)
     proc.start()
     time.sleep(3.0)  # the junk is flowing (and its 200 MB is built) before measuring
@@ -183,27 +195,24 @@ def main() -> int:
             client = grpcclient.InferenceServerClient(server.address)
             measure = lambda: latencies(client, "tiny", "b", X, seconds)  # noqa: E731
             alone = measure()
-            control, control_sent = under_junk("grpc", other.address, measure)
-            grpc_junk, grpc_sent = under_junk("grpc", server.address, measure)
-            over, over_sent = under_junk("grpc", server.address, measure, OVER_LIMIT_MB)
-            rest_control, rest_control_sent = under_junk("rest", f"http://127.0.0.1:{other_port}", measure)
-            rest_junk, rest_sent = under_junk("rest", f"http://127.0.0.1:{port}", measure)
+            measured = {}
+            for key, kind, mb in JUNK:
+                grpc_target = {"control": other.address, "this": server.address}
+                rest_target = {"control": f"http://127.0.0.1:{other_port}", "this": f"http://127.0.0.1:{port}"}
+                for where in ("control", "this"):  # the same junk to the other process, then to this one
+                    target = (grpc_target if kind == "grpc" else rest_target)[where]
+                    measured[key, where] = under_junk(kind, target, measure, mb)
         finally:
             server.stop()
             other.stop()
 
-        def row(stats: dict[str, float], sent: int, base: dict[str, float]) -> dict[str, float]:
-            return {**stats, "junk_requests": sent, "p99_ratio": stats["p99_ms"] / alone["p99_ms"],
-                    "p99_ratio_to_control": stats["p99_ms"] / base["p99_ms"]}  # fmt: skip
-
-        results["junk"] = {
-            "alone": alone,
-            "grpc_junk_other_process": row(control, control_sent, control),
-            "grpc_junk": row(grpc_junk, grpc_sent, control),
-            "grpc_junk_over_limit": row(over, over_sent, control),
-            "rest_junk_other_process": row(rest_control, rest_control_sent, rest_control),
-            "rest_junk": row(rest_junk, rest_sent, rest_control),
-        }
+        results["junk"] = {"alone": alone}
+        for key, _, _ in JUNK:
+            (base, _), (stats, sent) = measured[key, "control"], measured[key, "this"]
+            for name, values, count in ((f"{key}_control", base, measured[key, "control"][1]), (key, stats, sent)):
+                results["junk"][name] = {**values, "junk_requests": count,
+                                         "p99_ratio": values["p99_ms"] / alone["p99_ms"],
+                                         "p99_ratio_to_control": values["p99_ms"] / base["p99_ms"]}  # fmt: skip
 
         if args.junk_only:
             return _report(results)
@@ -242,18 +251,16 @@ def main() -> int:
 def _report(results: dict[str, Any]) -> int:
     junk = results["junk"]
     head = f"{'requests':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99 ×':>6} {'× ctrl':>6} {'junk':>5}"
-    print(f"{'tiny model, well-behaved client':46} {head}")
-    for label, key in (("alone", "alone"),
-                       ("+ gRPC junk to another process (control)", "grpc_junk_other_process"),
-                       (f"+ gRPC junk ({JUNK_MB} MB, BYTES garbage)", "grpc_junk"),
-                       (f"+ gRPC junk ({OVER_LIMIT_MB} MB: over the limit)", "grpc_junk_over_limit"),
-                       ("+ REST junk to another process (control)", "rest_junk_other_process"),
-                       (f"+ REST junk ({JUNK_MB} MB JSON)", "rest_junk")):  # fmt: skip
+    print(f"{'tiny model, well-behaved client':66} {head}")
+    rows = [("alone", "alone")]
+    for key, _, _ in JUNK:
+        rows += [(f"+ {LABELS[key]}, to another process (control)", f"{key}_control"), (f"+ {LABELS[key]}", key)]
+    for label, key in rows:
         r = junk[key]
         ratios = (
             f"{r['p99_ratio']:6.2f} {r['p99_ratio_to_control']:6.2f} {r['junk_requests']:5d}" if key != "alone" else ""
         )
-        print(f"{label:46} {r['requests']:9d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['max_ms']:8.1f} {ratios}")
+        print(f"{label:66} {r['requests']:9d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['max_ms']:8.1f} {ratios}")
     tls = results.get("tls")
     if tls is None:
         return 0  # part 1 alone: nothing written over the full run's results
