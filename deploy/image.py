@@ -12,6 +12,7 @@ test: the image on the host network against the default config (its samples, wit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +152,13 @@ def test() -> None:
                 got = client.infer(model, [x]).as_numpy("a")
                 assert got.tolist() == [[expected] * 10], (model, got)
                 print(f"{model} answers {got[0][0]}")
+            # past 16 KiB (here by JSON whitespace): spooled into a memfd, parsed by the decoder via /proc/<pid>/fd
+            body = json.dumps({"inputs": [{"name": "b", "datatype": "FP32", "shape": [1, 10], "data": [0] * 10}]})
+            request = urllib.request.Request(f"http://127.0.0.1:{rest_port}/v2/models/dummy/infer", method="POST",
+                                             data=(body + " " * 20_000).encode())  # fmt: skip
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert json.loads(answer.read())["outputs"][0]["data"] == [1.0] * 10
+            print("a 20 KB REST body is answered through the decoder process")
             stopped = run(*cli, "stop", "-t", "40", name, capture_output=True)
             assert stopped.returncode == 0
             code = run(*cli, "inspect", "--format", "{{.State.ExitCode}}", name, capture_output=True).stdout.strip()
