@@ -110,9 +110,15 @@ def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> No
         time.sleep(0.02)
 
 
-def decoder_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+def decoders(pid: int) -> dict[str, int]:
+    """The server's decoder processes by lane ("s": bodies under 1 MiB, "l": larger), named in /proc/<pid>/comm."""
+    found = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError):
+            comm = Path(f"/proc/{child}/comm").read_text().strip()
+            if comm.startswith("hotserve-json-"):
+                found[comm[-1]] = int(child)
+    return found
 
 
 def check_answer(env: Env, size: int = WIDE, chunked: bool = False) -> None:
@@ -124,7 +130,7 @@ def check_answer(env: Env, size: int = WIDE, chunked: bool = False) -> None:
 
 def test_a_large_body_is_answered_through_the_decoder_process(env: Env) -> None:
     check_answer(env)
-    assert decoder_pids(env.pid), "a body past 1 MiB is parsed in the decoder process"
+    assert "l" in decoders(env.pid), "a body past 1 MiB is parsed in the large bodies' decoder process"
     assert memfds(env.pid) == []
 
 
@@ -155,8 +161,8 @@ def test_a_body_abandoned_half_way_leaves_no_memory_file(env: Env) -> None:
 
 
 def test_a_decoder_killed_mid_request_is_a_clear_error_and_the_next_body_is_served(env: Env) -> None:
-    check_answer(env)  # the decoder process is up
-    (decoder,) = decoder_pids(env.pid)
+    check_answer(env)  # the large bodies' decoder process is up
+    decoder = decoders(env.pid)["l"]
     body = body_for(np.zeros(WIDE, dtype=np.float32))
     os.kill(decoder, signal.SIGSTOP)  # it cannot finish this body before it is killed
     try:
@@ -179,13 +185,13 @@ def test_a_decoder_killed_mid_request_is_a_clear_error_and_the_next_body_is_serv
     assert "the request decoder process died (out of memory or killed); try again" in json.loads(text)["error"]
     assert memfds(env.pid) == []
     check_answer(env)  # by a fresh decoder
-    assert decoder not in decoder_pids(env.pid)
+    assert decoders(env.pid)["l"] != decoder
 
 
 def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
     """A 20 KB body waits for the decoder process (held stopped) while a small one is answered on the loop."""
-    check_answer(env)
-    (decoder,) = decoder_pids(env.pid)
+    check_answer(env, size=3000)
+    decoder = decoders(env.pid)["s"]
     medium = np.arange(3000, dtype=np.float32)  # ~20 KB of JSON: past the 16 KiB inline bound, far below 1 MiB
     body = body_for(medium)
     done: list[tuple[int, dict]] = []
@@ -204,10 +210,33 @@ def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
     np.testing.assert_allclose(answer["outputs"][0]["data"], medium + 1)
 
 
-def test_the_decoder_yields_the_cpu_and_memory_to_the_server(env: Env) -> None:
+def test_a_medium_body_does_not_wait_behind_a_large_one(env: Env) -> None:
+    """The large bodies' decoder is held stopped with a body on it; a 20 KB body is answered by the other decoder."""
     check_answer(env)
-    (decoder,) = decoder_pids(env.pid)
-    nice = int(Path(f"/proc/{decoder}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    assert nice == 10
-    assert Path(f"/proc/{decoder}/oom_score_adj").read_text().strip() == "1000"
+    check_answer(env, size=3000)
+    large = decoders(env.pid)["l"]
+    body = body_for(np.zeros(WIDE, dtype=np.float32))
+    done: list[tuple[int, dict]] = []
+    os.kill(large, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=lambda: done.append(post(env, body)))
+        sender.start()
+        until(lambda: spooled_sizes(env.pid) == [len(body)], "the large body handed to its decoder")
+        check_answer(env, size=3000)
+        assert not done
+    finally:
+        os.kill(large, signal.SIGCONT)
+    sender.join(60)
+    assert done and done[0][0] == 200, done
+
+
+def test_the_decoders_yield_the_cpu_and_memory_to_the_server(env: Env) -> None:
+    check_answer(env)
+    check_answer(env, size=3000)
+    found = decoders(env.pid)
+    assert sorted(found) == ["l", "s"]
+    for decoder in found.values():
+        nice = int(Path(f"/proc/{decoder}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        assert nice == 10
+        assert Path(f"/proc/{decoder}/oom_score_adj").read_text().strip() == "1000"
     assert Path(f"/proc/{env.pid}/oom_score_adj").read_text().strip() == "0"

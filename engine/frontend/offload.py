@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 _lock = threading.Lock()
 _threads: ThreadPoolExecutor | None = None
-_process: ProcessPoolExecutor | None = None
+_processes: dict[str, ProcessPoolExecutor] = {}  # per lane: a huge body never queues a medium one behind it
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -40,14 +40,16 @@ def _thread_pool() -> ThreadPoolExecutor:
         return _threads
 
 
-def _process_pool() -> ProcessPoolExecutor:
-    global _process
+def _process_pool(lane: str) -> ProcessPoolExecutor:
     with _lock:
-        if _process is None:
-            _process = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_decoder_start
+        if lane not in _processes:
+            _processes[lane] = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_decoder_start,
+                initargs=(lane,),
             )
-        return _process
+        return _processes[lane]
 
 
 async def _run(pool: Executor, fn: Callable[..., T], *args: object) -> T:
@@ -61,8 +63,10 @@ async def decode(size: int, fn: Callable[..., T], *args: object) -> T:
     return await _run(_thread_pool(), fn, *args)
 
 
-def _decoder_start() -> None:
-    """In the decoder process: decoding one huge body is background work next to serving every other request."""
+def _decoder_start(lane: str) -> None:
+    """In a decoder process: decoding one huge body is background work next to serving every other request."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(f"hotserve-json-{lane[0]}")  # `ps` and `top` tell the decoders apart
     os.nice(10)  # a CPU shared with the event loop goes to the loop first
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
         adj.write("1000")  # out of memory (JSON takes ~15x the body), the kernel kills this process, not the server
@@ -74,27 +78,48 @@ def _parse_file(path: str) -> InferBody:
 
 
 async def infer_body(body: Spool) -> InferBody:
-    """A REST infer body parsed inline when small, else in the decoder process, read from the spool's memory file."""
-    global _process
+    """A REST infer body parsed inline when small, else in a decoder process, read from the spool's memory file.
+
+    Bodies under 1 MiB and larger ones have a decoder each: a 200 MB body parses for many seconds, and a medium one
+    must not wait behind it.
+    """
     if body.size < JSON_INLINE_BYTES:
         return parse_infer(body.read())
-    pool = _process_pool()
+    lane = "small" if body.size < INLINE_BYTES else "large"
+    pool = _process_pool(lane)
     try:
-        return await _run(pool, _parse_file, body.path)
+        future = pool.submit(_parse_file, body.path)
+    except BrokenProcessPool:
+        _discard(lane, pool)
+        raise _died() from None
+    try:
+        return await asyncio.wrap_future(future)
     except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh one for the next request
-        with _lock:
-            if _process is pool:  # not one that a concurrent request already put in its place
-                _process = None
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise ServingError(
-            Code.INTERNAL_ERROR, "the request decoder process died (out of memory or killed); try again"
-        ) from None
+        _discard(lane, pool)
+        raise _died() from None
+    finally:
+        if not future.done():  # cancelled while the decoder may still open the file: it stays open until then
+            fd = body.detach()
+            future.add_done_callback(lambda _: os.close(fd))
+
+
+def _died() -> ServingError:
+    return ServingError(Code.INTERNAL_ERROR, "the request decoder process died (out of memory or killed); try again")
+
+
+def _discard(lane: str, pool: ProcessPoolExecutor) -> None:
+    with _lock:
+        if _processes.get(lane) is pool:  # not one that a concurrent request already put in its place
+            del _processes[lane]
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def shutdown() -> None:
-    global _threads, _process
+    global _threads
     with _lock:
-        pools, _threads, _process = (_threads, _process), None, None
+        pools: list[Executor | None] = [_threads, *_processes.values()]
+        _threads = None
+        _processes.clear()
     for pool in pools:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

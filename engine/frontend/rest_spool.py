@@ -39,6 +39,11 @@ class Spool:
     def read(self) -> bytes:
         return os.pread(self.fd, self.size, 0)
 
+    def detach(self) -> int:
+        """The fd, now the caller's to close (a decoder may still open it); this spool no longer holds it."""
+        fd, self.fd = self.fd, -1
+        return fd
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
