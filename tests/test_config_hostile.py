@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -16,6 +15,7 @@ import modelgen
 import numpy as np
 import pytest
 from conftest import ROOT, model_entry
+from harness import free_port
 
 
 def validate(path: Path) -> subprocess.CompletedProcess[str]:
@@ -63,12 +63,6 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     done = validate(fifo)
     assert done.returncode == 1 and "not a regular file" in done.stdout, done.stdout + done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def reload(url: str) -> tuple[int, str]:

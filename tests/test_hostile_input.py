@@ -4,7 +4,6 @@ HTTP 400 naming the input, a good request is answered right after, and nothing i
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import time
 import urllib.error
@@ -16,6 +15,7 @@ import modelgen
 import numpy as np
 import pytest
 from conftest import ServerProcess, model_entry
+from harness import free_port
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from engine.frontend.generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -23,12 +23,6 @@ from engine.frontend.generated.tensorflow_serving.apis import predict_pb2, predi
 
 MAX_REQUEST_MB = 2
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,12 +12,7 @@ import modelgen
 import numpy as np
 import pytest
 from conftest import model_entry
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from harness import free_port
 
 
 def http(method: str, url: str, body: object = None) -> tuple[int, object]:

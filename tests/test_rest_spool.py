@@ -24,15 +24,10 @@ import modelgen
 import numpy as np
 import pytest
 from conftest import ServerProcess, model_entry
+from harness import free_port
 
 LIMIT_MB = 16
 WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import threading
 import time
@@ -20,15 +19,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from certs import CA, Pair
 from conftest import model_entry
+from harness import free_port
 from tritonclient.utils import InferenceServerException
 
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, model_entry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import free_port
 from loader_fixtures import BUILD
 from prometheus_client.parser import text_string_to_metric_families
 from stats import binomial_bound, random_keys
@@ -43,12 +43,6 @@ from engine.routing import NO_ROUTES, resolve
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
 REST_INPUTS = [{"name": "b", "datatype": "FP32", "shape": [1, 10], "data": X.ravel().tolist()}]
 REQUESTS = 2000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http(method: str, url: str, body: object = None) -> tuple[int, Any]:
