@@ -7,6 +7,7 @@ niced and first in line for the OOM killer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,9 @@ import modelgen
 import numpy as np
 import pytest
 from conftest import ServerProcess, model_entry
+
+from engine.frontend import offload
+from engine.frontend.rest_spool import Spool
 
 LIMIT_MB = 16
 WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
@@ -211,3 +215,45 @@ def test_the_decoder_yields_the_cpu_and_memory_to_the_server(env: Env) -> None:
     assert nice == 10
     assert Path(f"/proc/{decoder}/oom_score_adj").read_text().strip() == "1000"
     assert Path(f"/proc/{env.pid}/oom_score_adj").read_text().strip() == "0"
+
+
+def test_a_cancelled_request_keeps_its_body_open_until_the_decoder_is_done() -> None:
+    """Shutdown cancels a request waiting for the decoder (in this process, the real decoder process): if its fd
+    were closed then, the decoder would open whatever file took the number next, here a pipe of this process."""
+    try:
+        asyncio.run(_cancel_while_queued())
+    finally:
+        offload.shutdown()
+
+
+async def _cancel_while_queued() -> None:
+    def spooled() -> Spool:
+        body = Spool()
+        body.write(body_for(np.arange(WIDE, dtype=np.float32)))
+        return body
+
+    with spooled() as warm:
+        await offload.infer_body(warm)  # the decoder process is up
+    (decoder,) = decoder_pids(os.getpid())
+    work = offload._process_pool()._pending_work_items  # type: ignore[attr-defined]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        with spooled() as body:
+            waiting = asyncio.create_task(offload.infer_body(body))
+            await asyncio.sleep(0)  # submitted
+            until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        reader, writer = os.pipe()
+        os.write(writer, b"not a body")
+        os.close(writer)
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    with spooled() as after:
+        await offload.infer_body(after)  # one decoder, first in first out: it is done with the cancelled body
+    try:
+        assert os.read(reader, 100) == b"not a body", "the decoder read the pipe that took the body's fd number"
+    finally:
+        os.close(reader)
+    assert memfds(os.getpid()) == []

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -79,8 +79,10 @@ async def infer_body(body: Spool) -> InferBody:
     if body.size < JSON_INLINE_BYTES:
         return parse_infer(body.read())
     pool = _process_pool()
+    future: Future[InferBody] | None = None
     try:
-        return await _run(pool, _parse_file, body.path)
+        future = pool.submit(_parse_file, body.path)
+        return await asyncio.wrap_future(future)
     except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh one for the next request
         with _lock:
             if _process is pool:  # not one that a concurrent request already put in its place
@@ -89,6 +91,9 @@ async def infer_body(body: Spool) -> InferBody:
         raise ServingError(
             Code.INTERNAL_ERROR, "the request decoder process died (out of memory or killed); try again"
         ) from None
+    finally:
+        if future is not None and not future.done():  # cancelled (shutdown) while queued for the decoder or in it
+            body.close_after(future)
 
 
 def shutdown() -> None:
