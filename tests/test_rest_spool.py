@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -49,21 +51,29 @@ class Env:
         return self.server.proc.pid
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root = tmp_path_factory.mktemp("spool")
+def start(root: Path, program: list[str] | None = None, args: tuple[str, ...] = ()) -> Env:
     modelgen.add_const(root / "wide" / "1", delta=1.0, shape=(1, -1))
     config = root / "models.json"
     config.write_text(json.dumps({"model_config_list": [model_entry("wide", root / "wide")]}))
     port = free_port()
     server = ServerProcess(
         ["--config_path", str(config), "--port", "0", "--rest_port", str(port),
-         "--max_request_mb", str(LIMIT_MB), "--file_system_poll_wait_seconds", "0"],
-        tmp_path_factory.mktemp("logs") / "server.log",
+         "--max_request_mb", str(LIMIT_MB), "--file_system_poll_wait_seconds", "0", *args],
+        root / "server.log", program=program,
     ).wait_ready()  # fmt: skip
-    yield Env(server, port)
-    assert server.stop() == 0
-    assert "Traceback" not in server.log, server.log[-3000:]
+    return Env(server, port)
+
+
+def stop(env: Env) -> None:
+    assert env.server.stop() == 0
+    assert "Traceback" not in env.server.log, env.server.log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    started = start(tmp_path_factory.mktemp("spool"))
+    yield started
+    stop(started)
 
 
 def body_for(values: np.ndarray) -> bytes:
@@ -257,3 +267,30 @@ async def _cancel_while_queued() -> None:
     finally:
         os.close(reader)
     assert memfds(os.getpid()) == []
+
+
+# `serve` in a process that is not dumpable, as one running a python with file capabilities is (setcap, to bind
+# port 80 without root): its /proc/<pid>/fd is closed to its own children unless they hold CAP_SYS_PTRACE (root
+# here: dropped)
+NOT_DUMPABLE = [
+    *(["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"] if os.geteuid() == 0 else []),
+    sys.executable, "-c",
+    "import ctypes, runpy, sys; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); sys.argv[0] = 'engine';"
+    " runpy.run_module('engine', run_name='__main__')",
+    "serve",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv to drop a capability")
+def test_a_server_whose_fds_the_decoder_may_not_open_copies_large_bodies_to_it(tmp_path: Path) -> None:
+    env = start(tmp_path, program=NOT_DUMPABLE)
+    try:
+        check_answer(env)
+        check_answer(env, chunked=True)
+        (decoder,) = decoder_pids(env.pid)
+        check_answer(env)
+        assert decoder_pids(env.pid) == [decoder]
+        assert memfds(env.pid) == []
+    finally:
+        stop(env)
+    assert env.server.log.count("cannot open this process's files through /proc") == 1, env.server.log[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import os
 import threading
@@ -26,10 +27,12 @@ INLINE_BYTES = 1 << 20  # below this, decoding costs less than a hop to a worker
 JSON_INLINE_BYTES = 16 << 10  # JSON takes ~75 ns a byte to parse and check: 16 KiB holds the loop ~1 ms
 
 T = TypeVar("T")
+log = logging.getLogger("hotserve.requests")
 
 _lock = threading.Lock()
 _threads: ThreadPoolExecutor | None = None
 _process: ProcessPoolExecutor | None = None
+_by_path = True  # False once the decoder was refused the server's /proc/<pid>/fd: bodies are then copied to it
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -68,9 +71,26 @@ def _decoder_start() -> None:
         adj.write("1000")  # out of memory (JSON takes ~15x the body), the kernel kills this process, not the server
 
 
-def _parse_file(path: str) -> InferBody:
-    with open(path, "rb") as body:
+def _parse_file(path: str) -> InferBody | None:
+    """None: this process may not open the server's files (a server that is not dumpable, or no /proc)."""
+    try:
+        body = open(path, "rb")  # noqa: SIM115 — closed below; only the open may be refused
+    except (PermissionError, FileNotFoundError):  # the spool holds the fd open until this call is done
+        return None
+    with body:
         return parse_infer(body.read())
+
+
+def _refused(path: str) -> None:
+    global _by_path
+    if _by_path:
+        _by_path = False
+        log.warning(
+            "The request decoder process cannot open this process's files through /proc (%s; is the server not "
+            "dumpable, e.g. a python binary with file capabilities, or /proc not mounted?): large REST bodies are "
+            "copied to it instead, which holds the event loop about 0.45 s per 200 MB",
+            path,
+        )
 
 
 async def infer_body(body: Spool) -> InferBody:
@@ -79,10 +99,14 @@ async def infer_body(body: Spool) -> InferBody:
     if body.size < JSON_INLINE_BYTES:
         return parse_infer(body.read())
     pool = _process_pool()
-    future: Future[InferBody] | None = None
+    future: Future[InferBody | None] | None = None
     try:
-        future = pool.submit(_parse_file, body.path)
-        return await asyncio.wrap_future(future)
+        if _by_path:
+            future = pool.submit(_parse_file, body.path)
+            if (parsed := await asyncio.wrap_future(future)) is not None:
+                return parsed
+            _refused(body.path)
+        return await _run(pool, parse_infer, body.read())  # the body itself, pickled
     except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh one for the next request
         with _lock:
             if _process is pool:  # not one that a concurrent request already put in its place
