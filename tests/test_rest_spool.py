@@ -29,6 +29,7 @@ import pytest
 from conftest import ServerProcess, model_entry
 
 from engine.frontend import offload
+from engine.frontend.rest import SPOOLED_BODIES
 from engine.frontend.rest_spool import Spool
 
 LIMIT_MB = 16
@@ -216,6 +217,51 @@ def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
     ((status, answer),) = done
     assert status == 200, answer
     np.testing.assert_allclose(answer["outputs"][0]["data"], medium + 1)
+
+
+def send_head(sock: socket.socket, size: int) -> None:
+    sock.sendall(
+        b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+    )
+
+
+def answer_of(sock: socket.socket) -> tuple[bytes, dict]:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, text = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(text)
+
+
+def test_at_most_a_few_large_bodies_are_held_at_once_and_the_rest_wait_unread(env: Env) -> None:
+    """With the decoder held stopped, 4 bodies fill every slot; a 5th, whose headers the server read before a small
+    request it answers, is not read (no memory file) until a slot frees; then all 5 are answered."""
+    check_answer(env)
+    (decoder,) = decoder_pids(env.pid)
+    values = np.arange(WIDE, dtype=np.float32)
+    body = body_for(values)
+    socks = [socket.create_connection(("127.0.0.1", env.port)) for _ in range(SPOOLED_BODIES + 1)]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        for sock in socks[:SPOOLED_BODIES]:
+            send_head(sock, len(body))
+            sock.sendall(body)
+        until(lambda: spooled_sizes(env.pid) == [len(body)] * SPOOLED_BODIES, "every slot's body spooled")
+        send_head(socks[-1], len(body))
+        rest = threading.Thread(target=socks[-1].sendall, args=(body,))  # blocks once the socket buffers are full
+        rest.start()
+        check_answer(env, size=10)  # inline, answered after the loop read the 5th request's headers
+        assert len(memfds(env.pid)) == SPOOLED_BODIES
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    rest.join(60)
+    for sock in socks:
+        with sock:
+            status, answer = answer_of(sock)
+        assert status == b"HTTP/1.1 200 OK", answer
+        np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+    until(lambda: memfds(env.pid) == [], "every memory file closed")
 
 
 def test_the_decoder_yields_the_cpu_and_memory_to_the_server(env: Env) -> None:
