@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import certs
 import modelgen
 import numpy as np
 import pytest
@@ -340,3 +343,26 @@ def test_a_server_whose_fds_the_decoder_may_not_open_copies_large_bodies_to_it(t
     finally:
         stop(env)
     assert env.server.log.count("cannot open this process's files through /proc") == 1, env.server.log[-3000:]
+
+
+def test_every_worker_of_a_tls_fleet_spools_and_parses_large_bodies(tmp_path: Path) -> None:
+    """--grpc_workers 2 (REST shared through reuse_port) over TLS: each worker's own decoder reads its own memfds."""
+    ca = certs.CA(tmp_path / "tls")
+    pair = ca.issue("server")
+    env = start(tmp_path, args=("--grpc_workers", "2", "--tls_cert", str(pair.cert), "--tls_key", str(pair.key)))
+    try:
+        workers = [int(p) for p in re.findall(r"All 2 workers ready \(pids ([\d, ]+)\)", env.server.log)[-1].split(",")]
+        tls = ssl.create_default_context(cafile=str(ca.cert))
+        values = np.arange(WIDE, dtype=np.float32) / 7
+        url = f"https://127.0.0.1:{env.port}/v2/models/wide/infer"
+        for _ in range(40):  # a new connection each: all 40 on one worker is a 2^-39 chance
+            request = urllib.request.Request(url, data=body_for(values), method="POST")
+            with urllib.request.urlopen(request, timeout=60, context=tls) as response:
+                answer = json.loads(response.read())
+            np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+            if all(decoder_pids(worker) for worker in workers):
+                break
+        assert all(len(decoder_pids(worker)) == 1 for worker in workers)
+        assert all(memfds(worker) == [] for worker in workers)
+    finally:
+        stop(env)
