@@ -276,6 +276,41 @@ def test_the_decoder_yields_the_cpu_and_memory_to_the_server(env: Env) -> None:
     assert Path(f"/proc/{env.pid}/oom_score_adj").read_text().strip() == "0"
 
 
+def test_shutdown_ends_a_decoder_that_holds_a_body_and_frees_it() -> None:
+    """offload.shutdown() with the decoder stuck (held stopped) in a cancelled request's body: it is killed, so the
+    body is freed and nothing waits for it (the interpreter's exit joined the pool: a server that never exited)."""
+    asyncio.run(_shutdown_while_decoding())
+
+
+async def _shutdown_while_decoding() -> None:
+    with spooled() as warm:
+        await offload.infer_body(warm)  # the decoder process is up
+    (decoder,) = decoder_pids(os.getpid())
+    work = offload._process_pool()._pending_work_items  # type: ignore[attr-defined]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        with spooled() as body:
+            waiting = asyncio.create_task(offload.infer_body(body))
+            await asyncio.sleep(0)  # submitted
+            until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        assert len(memfds(os.getpid())) == 1  # kept for the decoder
+        offload.shutdown()
+        until(lambda: decoder not in decoder_pids(os.getpid()), "the decoder ended", timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(decoder, signal.SIGCONT)
+    until(lambda: memfds(os.getpid()) == [], "the body freed", timeout=10)
+
+
+def spooled() -> Spool:
+    body = Spool()
+    body.write(body_for(np.arange(WIDE, dtype=np.float32)))
+    return body
+
+
 def test_a_cancelled_request_keeps_its_body_open_until_the_decoder_is_done() -> None:
     """Shutdown cancels a request waiting for the decoder (in this process, the real decoder process): if its fd
     were closed then, the decoder would open whatever file took the number next, here a pipe of this process."""
@@ -286,11 +321,6 @@ def test_a_cancelled_request_keeps_its_body_open_until_the_decoder_is_done() -> 
 
 
 async def _cancel_while_queued() -> None:
-    def spooled() -> Spool:
-        body = Spool()
-        body.write(body_for(np.arange(WIDE, dtype=np.float32)))
-        return body
-
     with spooled() as warm:
         await offload.infer_body(warm)  # the decoder process is up
     (decoder,) = decoder_pids(os.getpid())

@@ -124,6 +124,10 @@ def shutdown() -> None:
     global _threads, _process
     with _lock:
         pools, _threads, _process = (_threads, _process), None, None
+    # the decoder may be deep in a body nobody awaits any more: the interpreter's exit would wait for it
+    decoders = list((pools[1]._processes or {}).values()) if pools[1] is not None else []  # 3.14: terminate_workers()
     for pool in pools:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+    for decoder in decoders:
+        decoder.kill()
