@@ -7,11 +7,16 @@ niced and first in line for the OOM killer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
+import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -20,11 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import certs
 import modelgen
 import numpy as np
 import pytest
 from conftest import ServerProcess, model_entry
 from harness import free_port
+
+from engine.frontend import offload
+from engine.frontend.rest import SPOOLED_BODIES
+from engine.frontend.rest_spool import Spool
 
 LIMIT_MB = 16
 WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
@@ -40,21 +50,29 @@ class Env:
         return self.server.proc.pid
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root = tmp_path_factory.mktemp("spool")
+def start(root: Path, program: list[str] | None = None, args: tuple[str, ...] = ()) -> Env:
     modelgen.add_const(root / "wide" / "1", delta=1.0, shape=(1, -1))
     config = root / "models.json"
     config.write_text(json.dumps({"model_config_list": [model_entry("wide", root / "wide")]}))
     port = free_port()
     server = ServerProcess(
         ["--config_path", str(config), "--port", "0", "--rest_port", str(port),
-         "--max_request_mb", str(LIMIT_MB), "--file_system_poll_wait_seconds", "0"],
-        tmp_path_factory.mktemp("logs") / "server.log",
+         "--max_request_mb", str(LIMIT_MB), "--file_system_poll_wait_seconds", "0", *args],
+        root / "server.log", program=program,
     ).wait_ready()  # fmt: skip
-    yield Env(server, port)
-    assert server.stop() == 0
-    assert "Traceback" not in server.log, server.log[-3000:]
+    return Env(server, port)
+
+
+def stop(env: Env) -> None:
+    assert env.server.stop() == 0
+    assert "Traceback" not in env.server.log, env.server.log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    started = start(tmp_path_factory.mktemp("spool"))
+    yield started
+    stop(started)
 
 
 def body_for(values: np.ndarray) -> bytes:
@@ -205,6 +223,52 @@ def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
     np.testing.assert_allclose(answer["outputs"][0]["data"], medium + 1)
 
 
+def send_head(sock: socket.socket, size: int) -> None:
+    sock.sendall(
+        b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+    )
+
+
+def answer_of(sock: socket.socket) -> tuple[bytes, dict]:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, text = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(text)
+
+
+def test_at_most_a_few_large_bodies_are_held_at_once_and_the_rest_wait_unread(env: Env) -> None:
+    """With the decoder held stopped, 4 bodies fill every slot; a 5th, whose headers the server read before a small
+    request it answers, is not read (no memory file) until a slot frees; then all 5 are answered."""
+    check_answer(env)
+    decoder = decoders(env.pid)["l"]
+    values = np.arange(WIDE, dtype=np.float32)
+    body = body_for(values)
+    socks = [socket.create_connection(("127.0.0.1", env.port)) for _ in range(SPOOLED_BODIES + 1)]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        for sock in socks[:SPOOLED_BODIES]:
+            send_head(sock, len(body))
+            sock.sendall(body)
+        until(lambda: spooled_sizes(env.pid) == [len(body)] * SPOOLED_BODIES, "every slot's body spooled")
+        send_head(socks[-1], len(body))
+        rest = threading.Thread(target=socks[-1].sendall, args=(body,))  # blocks once the socket buffers are full
+        rest.start()
+        check_answer(env, size=10)  # inline, answered after the loop read the 5th request's headers
+        assert len(memfds(env.pid)) == SPOOLED_BODIES
+        check_answer(env, size=3000)  # a medium body with a Content-Length takes no slot: the other decoder's
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    rest.join(60)
+    for sock in socks:
+        with sock:
+            status, answer = answer_of(sock)
+        assert status == b"HTTP/1.1 200 OK", answer
+        np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+    until(lambda: memfds(env.pid) == [], "every memory file closed")
+
+
 def test_a_medium_body_does_not_wait_behind_a_large_one(env: Env) -> None:
     """The large bodies' decoder is held stopped with a body on it; a 20 KB body is answered by the other decoder."""
     check_answer(env)
@@ -235,3 +299,125 @@ def test_the_decoders_yield_the_cpu_and_memory_to_the_server(env: Env) -> None:
         assert nice == 10
         assert Path(f"/proc/{decoder}/oom_score_adj").read_text().strip() == "1000"
     assert Path(f"/proc/{env.pid}/oom_score_adj").read_text().strip() == "0"
+
+
+def test_shutdown_ends_a_decoder_that_holds_a_body_and_frees_it() -> None:
+    """offload.shutdown() with the decoder stuck (held stopped) in a cancelled request's body: it is killed, so the
+    body is freed and nothing waits for it (the interpreter's exit joined the pool: a server that never exited)."""
+    asyncio.run(_shutdown_while_decoding())
+
+
+async def _shutdown_while_decoding() -> None:
+    with spooled() as warm:
+        await offload.infer_body(warm)  # the decoder process is up
+    decoder = decoders(os.getpid())["l"]
+    work = offload._process_pool("large")._pending_work_items  # type: ignore[attr-defined]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        with spooled() as body:
+            waiting = asyncio.create_task(offload.infer_body(body))
+            await asyncio.sleep(0)  # submitted
+            until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        assert len(memfds(os.getpid())) == 1  # kept for the decoder
+        offload.shutdown()
+        until(lambda: decoder not in decoders(os.getpid()).values(), "the decoder ended", timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(decoder, signal.SIGCONT)
+    until(lambda: memfds(os.getpid()) == [], "the body freed", timeout=10)
+
+
+def spooled() -> Spool:
+    body = Spool()
+    body.write(body_for(np.arange(WIDE, dtype=np.float32)))
+    return body
+
+
+def test_a_cancelled_request_keeps_its_body_open_until_the_decoder_is_done() -> None:
+    """Shutdown cancels a request waiting for the decoder (in this process, the real decoder process): if its fd
+    were closed then, the decoder would open whatever file took the number next, here a pipe of this process."""
+    try:
+        asyncio.run(_cancel_while_queued())
+    finally:
+        offload.shutdown()
+
+
+async def _cancel_while_queued() -> None:
+    with spooled() as warm:
+        await offload.infer_body(warm)  # the decoder process is up
+    decoder = decoders(os.getpid())["l"]
+    work = offload._process_pool("large")._pending_work_items  # type: ignore[attr-defined]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        with spooled() as body:
+            waiting = asyncio.create_task(offload.infer_body(body))
+            await asyncio.sleep(0)  # submitted
+            until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        reader, writer = os.pipe()
+        os.write(writer, b"not a body")
+        os.close(writer)
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    with spooled() as after:
+        await offload.infer_body(after)  # one decoder, first in first out: it is done with the cancelled body
+    try:
+        assert os.read(reader, 100) == b"not a body", "the decoder read the pipe that took the body's fd number"
+    finally:
+        os.close(reader)
+    assert memfds(os.getpid()) == []
+
+
+# `serve` in a process that is not dumpable, as one running a python with file capabilities is (setcap, to bind
+# port 80 without root): its /proc/<pid>/fd is closed to its own children unless they hold CAP_SYS_PTRACE (root
+# here: dropped)
+NOT_DUMPABLE = [
+    *(["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"] if os.geteuid() == 0 else []),
+    sys.executable, "-c",
+    "import ctypes, runpy, sys; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); sys.argv[0] = 'engine';"
+    " runpy.run_module('engine', run_name='__main__')",
+    "serve",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv to drop a capability")
+def test_a_server_whose_fds_the_decoder_may_not_open_copies_large_bodies_to_it(tmp_path: Path) -> None:
+    env = start(tmp_path, program=NOT_DUMPABLE)
+    try:
+        check_answer(env)
+        check_answer(env, chunked=True)
+        decoder = decoders(env.pid)["l"]
+        check_answer(env)
+        assert decoders(env.pid) == {"l": decoder}
+        assert memfds(env.pid) == []
+    finally:
+        stop(env)
+    assert env.server.log.count("cannot open this process's files through /proc") == 1, env.server.log[-3000:]
+
+
+def test_every_worker_of_a_tls_fleet_spools_and_parses_large_bodies(tmp_path: Path) -> None:
+    """--grpc_workers 2 (REST shared through reuse_port) over TLS: each worker's own decoder reads its own memfds."""
+    ca = certs.CA(tmp_path / "tls")
+    pair = ca.issue("server")
+    env = start(tmp_path, args=("--grpc_workers", "2", "--tls_cert", str(pair.cert), "--tls_key", str(pair.key)))
+    try:
+        workers = [int(p) for p in re.findall(r"All 2 workers ready \(pids ([\d, ]+)\)", env.server.log)[-1].split(",")]
+        tls = ssl.create_default_context(cafile=str(ca.cert))
+        values = np.arange(WIDE, dtype=np.float32) / 7
+        url = f"https://127.0.0.1:{env.port}/v2/models/wide/infer"
+        for _ in range(40):  # a new connection each: all 40 on one worker is a 2^-39 chance
+            request = urllib.request.Request(url, data=body_for(values), method="POST")
+            with urllib.request.urlopen(request, timeout=60, context=tls) as response:
+                answer = json.loads(response.read())
+            np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+            if all("l" in decoders(worker) for worker in workers):
+                break
+        assert all(decoders(worker).keys() == {"l"} for worker in workers)
+        assert all(memfds(worker) == [] for worker in workers)
+    finally:
+        stop(env)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -26,10 +27,12 @@ INLINE_BYTES = 1 << 20  # below this, decoding costs less than a hop to a worker
 JSON_INLINE_BYTES = 16 << 10  # JSON takes ~75 ns a byte to parse and check: 16 KiB holds the loop ~1 ms
 
 T = TypeVar("T")
+log = logging.getLogger("hotserve.requests")
 
 _lock = threading.Lock()
 _threads: ThreadPoolExecutor | None = None
 _processes: dict[str, ProcessPoolExecutor] = {}  # per lane: a huge body never queues a medium one behind it
+_by_path = True  # False once a decoder was refused the server's /proc/<pid>/fd: bodies are then copied to it
 
 
 def _thread_pool() -> ThreadPoolExecutor:
@@ -72,9 +75,26 @@ def _decoder_start(lane: str) -> None:
         adj.write("1000")  # out of memory (JSON takes ~15x the body), the kernel kills this process, not the server
 
 
-def _parse_file(path: str) -> InferBody:
-    with open(path, "rb") as body:
+def _parse_file(path: str) -> InferBody | None:
+    """None: this process may not open the server's files (a server that is not dumpable, or no /proc)."""
+    try:
+        body = open(path, "rb")  # noqa: SIM115 — closed below; only the open may be refused
+    except (PermissionError, FileNotFoundError):  # the spool holds the fd open until this call is done
+        return None
+    with body:
         return parse_infer(body.read())
+
+
+def _refused(path: str) -> None:
+    global _by_path
+    if _by_path:
+        _by_path = False
+        log.warning(
+            "The request decoder process cannot open this process's files through /proc (%s; is the server not "
+            "dumpable, e.g. a python binary with file capabilities, or /proc not mounted?): large REST bodies are "
+            "copied to it instead, which holds the event loop about 0.45 s per 200 MB",
+            path,
+        )
 
 
 async def infer_body(body: Spool) -> InferBody:
@@ -87,20 +107,20 @@ async def infer_body(body: Spool) -> InferBody:
         return parse_infer(body.read())
     lane = "small" if body.size < INLINE_BYTES else "large"
     pool = _process_pool(lane)
+    future: Future[InferBody | None] | None = None
     try:
-        future = pool.submit(_parse_file, body.path)
-    except BrokenProcessPool:
-        _discard(lane, pool)
-        raise _died() from None
-    try:
-        return await asyncio.wrap_future(future)
+        if _by_path:
+            future = pool.submit(_parse_file, body.path)
+            if (parsed := await asyncio.wrap_future(future)) is not None:
+                return parsed
+            _refused(body.path)
+        return await _run(pool, parse_infer, body.read())  # the body itself, pickled
     except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh one for the next request
         _discard(lane, pool)
         raise _died() from None
     finally:
-        if not future.done():  # cancelled while the decoder may still open the file: it stays open until then
-            fd = body.detach()
-            future.add_done_callback(lambda _: os.close(fd))
+        if future is not None and not future.done():  # cancelled (shutdown) while queued for the decoder or in it
+            body.close_after(future)
 
 
 def _died() -> ServingError:
@@ -117,9 +137,13 @@ def _discard(lane: str, pool: ProcessPoolExecutor) -> None:
 def shutdown() -> None:
     global _threads
     with _lock:
-        pools: list[Executor | None] = [_threads, *_processes.values()]
-        _threads = None
+        decoders = list(_processes.values())
+        threads, _threads = _threads, None
         _processes.clear()
-    for pool in pools:
+    # a decoder may be deep in a body nobody awaits any more: the interpreter's exit would wait for it
+    workers = [worker for pool in decoders for worker in (pool._processes or {}).values()]  # 3.14: terminate_workers()
+    for pool in [threads, *decoders]:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.kill()

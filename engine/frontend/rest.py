@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +23,7 @@ from .rest_spool import spool
 SERVER_NAME = "hotserve"
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format
 DEFAULT_MAX_REQUEST = 256 << 20
+SPOOLED_BODIES = 4  # bodies of 1 MiB+ or chunked spooled or parsed at once, per process: 4 x --max_request_mb
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -101,6 +104,7 @@ def app(
     plane: DataPlane, metrics: Callable[[], bytes] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST
 ) -> web.Application:
     routes = web.RouteTableDef()
+    spooling = asyncio.Semaphore(SPOOLED_BODIES)
 
     @routes.get("/v1/config")
     @_guarded
@@ -163,8 +167,10 @@ def app(
         if request.content_length is not None and request.content_length < offload.JSON_INLINE_BYTES:
             body = parse_infer(await request.read())
         else:  # large or chunked: spooled as it arrives, parsed off the loop
-            with await spool(request.content, max_request_bytes) as spooled:
-                body = await offload.infer_body(spooled)
+            large = request.content_length is None or request.content_length >= offload.INLINE_BYTES
+            async with spooling if large else contextlib.nullcontext():  # the rest wait, their bodies unread
+                with await spool(request.content, max_request_bytes) as spooled:
+                    body = await offload.infer_body(spooled)
         name = request.match_info["name"]
         version, outputs = await plane.infer(
             name,

@@ -8,7 +8,9 @@ about 0.45 s; here each chunk costs one small write, and the decoder process ope
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from types import TracebackType
+from typing import Any
 
 from aiohttp import StreamReader
 
@@ -39,10 +41,11 @@ class Spool:
     def read(self) -> bytes:
         return os.pread(self.fd, self.size, 0)
 
-    def detach(self) -> int:
-        """The fd, now the caller's to close (a decoder may still open it); this spool no longer holds it."""
+    def close_after(self, user: Future[Any]) -> None:
+        """Closed when `user` is done, not before: until then the decoder may still open `path`, and a number freed
+        now could be another file's by then (another request's body, a pipe of this process)."""
         fd, self.fd = self.fd, -1
-        return fd
+        user.add_done_callback(lambda _: os.close(fd))
 
     def close(self) -> None:
         if self.fd >= 0:
