@@ -206,8 +206,8 @@ async def start(
     grace: float = 30.0,
     reuse_port: bool = False,
 ) -> web.AppRunner:
-    # shutdown_timeout: in-flight requests get the same grace as gRPC's, not aiohttp's 60 s
-    runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None, shutdown_timeout=grace)
+    # aiohttp waits shutdown_timeout for a handler, cancels its body and waits as long again: two halves of one grace
+    runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None, shutdown_timeout=grace / 2)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=ssl_context)  # True: workers share it
     await site.start()
