@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -421,3 +422,17 @@ def test_every_worker_of_a_tls_fleet_spools_and_parses_large_bodies(tmp_path: Pa
         assert all(memfds(worker) == [] for worker in workers)
     finally:
         stop(env)
+
+
+F_SEAL_EXEC = 0x0020
+
+
+def test_a_spooled_body_can_never_be_executed() -> None:
+    """Sealed non-executable where the kernel knows the seal (6.3+), so vm.memfd_noexec=2 lets it be made at all."""
+    with Spool() as body:
+        release = tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
+        if release >= (6, 3):
+            assert fcntl.fcntl(body.fd, fcntl.F_GET_SEALS) & F_SEAL_EXEC
+            assert os.fstat(body.fd).st_mode & 0o111 == 0
+        body.write(b"{}")
+        assert body.read() == b"{}"
