@@ -36,6 +36,8 @@ def _serve_parser() -> Parser:
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0, help="rescan interval; 0 = no watching")
     p.add_argument("--watch_mode", choices=["auto", "poll"], default="auto", help="poll: for NFS/fuse without inotify")
     p.add_argument("--max_request_mb", type=int, default=256, help="largest request body, in MiB (default 256)")
+    p.add_argument("--rest_body_timeout_seconds", type=float, default=30.0,
+                   help="REST: refuse a body (408) that sends no bytes for this long (default 30)")  # fmt: skip
     p.add_argument("--tls_cert", type=Path, help="PEM certificate (chain): TLS on both ports; needs --tls_key")
     p.add_argument("--tls_key", type=Path, help="PEM private key of --tls_cert (unencrypted)")
     p.add_argument("--tls_client_ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS)")
@@ -71,6 +73,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError("--file_system_poll_wait_seconds must be >= 0 (0 disables watching)")
     if not 1 <= args.max_request_mb <= 2047:
         raise UsageError("--max_request_mb must be between 1 and 2047")
+    if not 0 < args.rest_body_timeout_seconds <= 3600:
+        raise UsageError("--rest_body_timeout_seconds must be more than 0 and at most 3600")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls_cert and --tls_key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -132,6 +136,7 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         log_level=args.log_level,
         drain_seconds=args.drain_seconds,
         max_request_mb=args.max_request_mb,
+        rest_body_timeout_seconds=args.rest_body_timeout_seconds,
         tls=tls,
     )
 

@@ -36,6 +36,7 @@ class Code(Enum):
     UNIMPLEMENTED = ("Not implemented", "UNIMPLEMENTED", 501)
     INTERNAL_ERROR = ("Internal server error", "INTERNAL", 500)
     REQUEST_TOO_LARGE = ("Request is larger than --max_request_mb", "RESOURCE_EXHAUSTED", 413)
+    BODY_TIMEOUT = ("Request body stalled past --rest_body_timeout_seconds", "DEADLINE_EXCEEDED", 408)
     SHUTTING_DOWN = ("Server is shutting down", "UNAVAILABLE", 503)
     QUEUE_FULL = ("The model's batching queue is full", "RESOURCE_EXHAUSTED", 429)
 

@@ -143,6 +143,7 @@ class Server:
                     self.certificates.ssl_context() if self.certificates is not None else None,
                     SHUTDOWN_GRACE_SECONDS,
                     reuse_port=self.link is not None,
+                    body_timeout=self.settings.rest_body_timeout_seconds,
                 )
             except OSError as exc:
                 raise SystemExit(

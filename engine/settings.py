@@ -44,6 +44,7 @@ class Settings:
     log_level: str = "INFO"
     drain_seconds: float = DRAIN_SECONDS
     max_request_mb: int = 256
+    rest_body_timeout_seconds: float = 30.0
     tls: TlsFiles | None = None
 
 

@@ -239,6 +239,18 @@ def answer_of(sock: socket.socket) -> tuple[bytes, dict]:
     return head.split(b"\r\n")[0], json.loads(text)
 
 
+def response_of(sock: socket.socket) -> tuple[bytes, dict]:
+    """One response, read by its Content-Length (not to the connection's end)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, text = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(text) < length:
+        text += sock.recv(65536)
+    return head.split(b"\r\n")[0], json.loads(text)
+
+
 def test_at_most_a_few_large_bodies_are_held_at_once_and_the_rest_wait_unread(env: Env) -> None:
     """With the decoder held stopped, 4 bodies fill every slot; a 5th, whose headers the server read before a small
     request it answers, is not read (no memory file) until a slot frees; then all 5 are answered."""
@@ -436,3 +448,35 @@ def test_a_spooled_body_can_never_be_executed() -> None:
             assert os.fstat(body.fd).st_mode & 0o111 == 0
         body.write(b"{}")
         assert body.read() == b"{}"
+
+
+def test_bodies_that_stall_are_refused_and_free_their_slots(tmp_path: Path) -> None:
+    """--rest_body_timeout_seconds 1: every slot held by a body that stopped coming, then a 5th large body waiting
+    for one; each stalled body gets 408 (a small one too) and the 5th is answered in a freed slot."""
+    env = start(tmp_path, args=("--rest_body_timeout_seconds", "1"))
+    try:
+        values = np.arange(WIDE, dtype=np.float32)
+        body = body_for(values)
+        stalled = [socket.create_connection(("127.0.0.1", env.port), timeout=30) for _ in range(SPOOLED_BODIES)]
+        for sock in stalled:
+            send_head(sock, len(body))
+            sock.sendall(body[: len(body) // 2])  # and no more
+        small = socket.create_connection(("127.0.0.1", env.port), timeout=30)
+        send_head(small, 100)
+        small.sendall(b'{"inputs": [')
+        done: list[tuple[int, dict]] = []
+        waiting = threading.Thread(target=lambda: done.append(post(env, body)))
+        waiting.start()
+        for sock in [*stalled, small]:
+            with sock:  # the answer comes at once; aiohttp then reads the rest for 10 s before it closes
+                status, answer = response_of(sock)
+            assert status == b"HTTP/1.1 408 Request Timeout", answer
+            assert "Request body stalled past --rest_body_timeout_seconds" in answer["error"], answer
+        waiting.join(60)
+        ((status, answer),) = done
+        assert status == 200, answer
+        np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+        until(lambda: memfds(env.pid) == [], "every memory file closed")
+    finally:
+        stop(env)
+    assert env.server.log.count("Rejected rest request for model wide: Request body stalled") >= 1

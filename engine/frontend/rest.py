@@ -101,7 +101,10 @@ def _encode(tensor: Tensor) -> dict[str, Any]:
 
 
 def app(
-    plane: DataPlane, metrics: Callable[[], bytes] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST
+    plane: DataPlane,
+    metrics: Callable[[], bytes] | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST,
+    body_timeout: float = 30.0,
 ) -> web.Application:
     routes = web.RouteTableDef()
     spooling = asyncio.Semaphore(SPOOLED_BODIES)
@@ -165,11 +168,14 @@ def app(
                 Code.REQUEST_TOO_LARGE, f"{request.content_length} bytes; limit {max_request_bytes} bytes"
             )
         if request.content_length is not None and request.content_length < offload.JSON_INLINE_BYTES:
-            body = parse_infer(await request.read())
+            try:
+                body = parse_infer(await asyncio.wait_for(request.read(), body_timeout))
+            except TimeoutError:
+                raise ServingError(Code.BODY_TIMEOUT, f"{request.content_length} bytes not sent in time") from None
         else:  # large or chunked: spooled as it arrives, parsed off the loop
             large = request.content_length is None or request.content_length >= offload.INLINE_BYTES
             async with spooling if large else contextlib.nullcontext():  # the rest wait, their bodies unread
-                with await spool(request.content, max_request_bytes) as spooled:
+                with await spool(request.content, max_request_bytes, body_timeout) as spooled:
                     body = await offload.infer_body(spooled)
         name = request.match_info["name"]
         version, outputs = await plane.infer(
@@ -205,9 +211,11 @@ async def start(
     ssl_context: ssl.SSLContext | None = None,
     grace: float = 30.0,
     reuse_port: bool = False,
+    body_timeout: float = 30.0,
 ) -> web.AppRunner:
     # aiohttp waits shutdown_timeout for a handler, cancels its body and waits as long again: two halves of one grace
-    runner = web.AppRunner(app(plane, metrics, max_request_bytes), access_log=None, shutdown_timeout=grace / 2)
+    application = app(plane, metrics, max_request_bytes, body_timeout)
+    runner = web.AppRunner(application, access_log=None, shutdown_timeout=grace / 2)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port, ssl_context=ssl_context)  # True: workers share it
     await site.start()

@@ -7,6 +7,7 @@ about 0.45 s; here each chunk costs one small write, and the decoder process ope
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from concurrent.futures import Future
@@ -71,11 +72,12 @@ class Spool:
         self.close()
 
 
-async def spool(content: StreamReader, limit: int) -> Spool:
-    """The whole body, refused with REQUEST_TOO_LARGE as soon as it passes `limit` bytes (chunked bodies too)."""
+async def spool(content: StreamReader, limit: int, idle: float) -> Spool:
+    """The whole body, refused with REQUEST_TOO_LARGE as soon as it passes `limit` bytes (chunked bodies too), and
+    with BODY_TIMEOUT when no byte of it comes for `idle` seconds (it holds a slot: see rest.py)."""
     body = Spool()
     try:
-        while chunk := await content.readany():
+        while chunk := await _next(content, idle, body.size):
             if body.size + len(chunk) > limit:
                 raise ServingError(Code.REQUEST_TOO_LARGE, f"more than {limit} bytes")
             body.write(chunk)
@@ -83,3 +85,10 @@ async def spool(content: StreamReader, limit: int) -> Spool:
         body.close()
         raise
     return body
+
+
+async def _next(content: StreamReader, idle: float, received: int) -> bytes:
+    try:
+        return await asyncio.wait_for(content.readany(), idle)
+    except TimeoutError:
+        raise ServingError(Code.BODY_TIMEOUT, f"no bytes for {idle:g} s after {received} bytes") from None
