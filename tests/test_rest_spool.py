@@ -480,3 +480,31 @@ def test_bodies_that_stall_are_refused_and_free_their_slots(tmp_path: Path) -> N
     finally:
         stop(env)
     assert env.server.log.count("Rejected rest request for model wide: Request body stalled") >= 1
+
+
+def test_a_stalled_body_closes_its_connection(tmp_path: Path) -> None:
+    """After a 408 the rest of a late body must never be read as the next request (RFC 9110 15.5.9: close), for an
+    inline body and a spooled one: the late rest and a request after it on the same connection get no answer."""
+    env = start(tmp_path, args=("--rest_body_timeout_seconds", "1"))
+    try:
+        large = body_for(np.arange(WIDE, dtype=np.float32))
+        for size in (100, len(large)):
+            with socket.create_connection(("127.0.0.1", env.port), timeout=30) as sock:
+                sock.sendall(
+                    b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {size}\r\n\r\n".encode()  # keep-alive, HTTP/1.1's default
+                )
+                sock.sendall(b'{"inputs": [')
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                head = data.partition(b"\r\n\r\n")[0]
+                assert head.startswith(b"HTTP/1.1 408 "), head
+                assert re.search(rb"(?i)\r\nconnection: close(\r\n|$)", head), head
+                sock.sendall(b" " * (size - 12) + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := sock.recv(65536):
+                        data += chunk
+                assert b"HTTP/1.1 200" not in data, data
+    finally:
+        stop(env)

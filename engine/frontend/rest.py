@@ -38,7 +38,10 @@ def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) ->
             return await handler(request)
         except ServingError as exc:
             client_errors.report("rest", request.match_info.get("name", ""), exc)
-            return _error(exc.code.http_status, str(exc))
+            response = _error(exc.code.http_status, str(exc))
+            if exc.code is Code.BODY_TIMEOUT:  # the body's late rest must never be read as the next request
+                response.force_close()
+            return response
         except ConnectionResetError:  # the client left before sending its whole body: nobody to answer
             error = ServingError(Code.INVALID_ARGUMENT, "the client closed the connection in the middle of its body")
             client_errors.report("rest", request.match_info.get("name", ""), error)
