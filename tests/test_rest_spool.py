@@ -508,3 +508,39 @@ def test_a_stalled_body_closes_its_connection(tmp_path: Path) -> None:
                 assert b"HTTP/1.1 200" not in data, data
     finally:
         stop(env)
+
+
+def test_waiting_for_a_slot_or_the_decoder_is_not_a_stalled_body(tmp_path: Path) -> None:
+    """--rest_body_timeout_seconds 1, the decoder held stopped: 4 whole bodies wait for it and a 5th for a slot while
+    a stalled body's 408 shows the timeout has passed; the 5 clients sent everything and are all answered."""
+    env = start(tmp_path, args=("--rest_body_timeout_seconds", "1"))
+    try:
+        check_answer(env)
+        decoder = decoders(env.pid)["l"]
+        values = np.arange(WIDE, dtype=np.float32)
+        body = body_for(values)
+        socks = [socket.create_connection(("127.0.0.1", env.port), timeout=60) for _ in range(SPOOLED_BODIES + 1)]
+        os.kill(decoder, signal.SIGSTOP)
+        try:
+            for sock in socks[:SPOOLED_BODIES]:
+                send_head(sock, len(body))
+                sock.sendall(body)
+            until(lambda: spooled_sizes(env.pid) == [len(body)] * SPOOLED_BODIES, "every slot's body spooled")
+            send_head(socks[-1], len(body))
+            rest = threading.Thread(target=socks[-1].sendall, args=(body,))
+            rest.start()
+            check_answer(env, size=10)  # the 5th request's headers are read: it waits for a slot from here on
+            with socket.create_connection(("127.0.0.1", env.port), timeout=30) as stalled:
+                send_head(stalled, 100)
+                stalled.sendall(b'{"inputs": [')
+                assert response_of(stalled)[0] == b"HTTP/1.1 408 Request Timeout"  # a timeout's length went by
+        finally:
+            os.kill(decoder, signal.SIGCONT)
+        rest.join(60)
+        for sock in socks:
+            with sock:
+                status, answer = answer_of(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+    finally:
+        stop(env)
