@@ -1,0 +1,145 @@
+"""A real server for the REST body tests (test_rest_spool, test_rest_body_timeout, test_offload) and what they look at:
+its memory files (memfds), its decoder processes by lane, and raw HTTP/1.1 on a socket."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import modelgen
+import numpy as np
+from conftest import ServerProcess, model_entry
+from harness import free_port
+
+LIMIT_MB = 16
+WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
+
+
+@dataclass
+class Env:
+    server: ServerProcess
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.server.proc.pid
+
+
+def start(root: Path, program: list[str] | None = None, args: tuple[str, ...] = ()) -> Env:
+    modelgen.add_const(root / "wide" / "1", delta=1.0, shape=(1, -1))
+    config = root / "models.json"
+    config.write_text(json.dumps({"model_config_list": [model_entry("wide", root / "wide")]}))
+    port = free_port()
+    server = ServerProcess(
+        ["--config_path", str(config), "--port", "0", "--rest_port", str(port),
+         "--max_request_mb", str(LIMIT_MB), "--file_system_poll_wait_seconds", "0", *args],
+        root / "server.log", program=program,
+    ).wait_ready()  # fmt: skip
+    return Env(server, port)
+
+
+def stop(env: Env) -> None:
+    assert env.server.stop() == 0
+    assert "Traceback" not in env.server.log, env.server.log[-3000:]
+
+
+def body_for(values: np.ndarray) -> bytes:
+    shape = [1, int(values.size)]
+    return json.dumps({"inputs": [{"name": "b", "datatype": "FP32", "shape": shape, "data": values.tolist()}]}).encode()
+
+
+def post(env: Env, body: bytes | Iterator[bytes], chunked: bool = False) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+    url = f"http://127.0.0.1:{env.port}/v2/models/wide/infer"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)  # type: ignore[arg-type]
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def memfds(pid: int) -> list[str]:
+    """The memory files process `pid` holds open."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("/memfd:hotserve-body"):
+            found.append(target)
+    return found
+
+
+def spooled_sizes(pid: int) -> list[int]:
+    sizes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:hotserve-body"):
+                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+    return sizes
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def decoders(pid: int) -> dict[str, int]:
+    """The server's decoder processes by lane ("s": bodies under 1 MiB, "l": larger), named in /proc/<pid>/comm."""
+    found = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError):
+            comm = Path(f"/proc/{child}/comm").read_text().strip()
+            if comm.startswith("hotserve-json-"):
+                found[comm[-1]] = int(child)
+    return found
+
+
+def check_answer(env: Env, size: int = WIDE, chunked: bool = False) -> None:
+    values = np.arange(size, dtype=np.float32) / 7
+    status, answer = post(env, iter([body_for(values)]) if chunked else body_for(values), chunked=chunked)
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+
+
+def send_head(sock: socket.socket, size: int) -> None:
+    sock.sendall(
+        b"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+    )
+
+
+def answer_of(sock: socket.socket) -> tuple[bytes, dict]:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    head, _, text = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(text)
+
+
+def response_of(sock: socket.socket) -> tuple[bytes, dict]:
+    """One response, read by its Content-Length (not to the connection's end)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, text = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(text) < length:
+        text += sock.recv(65536)
+    return head.split(b"\r\n")[0], json.loads(text)
