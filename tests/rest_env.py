@@ -143,3 +143,12 @@ def response_of(sock: socket.socket) -> tuple[bytes, dict]:
     while len(text) < length:
         text += sock.recv(65536)
     return head.split(b"\r\n")[0], json.loads(text)
+
+
+def all_answered(socks: list[socket.socket], values: np.ndarray) -> None:
+    """Each socket's request (a body of `values`, one per socket) answered 200 with values + 1; the sockets closed."""
+    for sock in socks:
+        with sock:
+            status, answer = answer_of(sock)
+        assert status == b"HTTP/1.1 200 OK", answer
+        np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)

@@ -32,19 +32,10 @@ def test_shutdown_ends_a_decoder_that_holds_a_body_and_frees_it() -> None:
 
 
 async def _shutdown_while_decoding() -> None:
-    with spooled() as warm:
-        await offload.infer_body(warm)  # the decoder process is up
-    decoder = decoders(os.getpid())["l"]
-    work = offload._process_pool("large")._pending_work_items  # type: ignore[attr-defined]
-    os.kill(decoder, signal.SIGSTOP)
+    decoder = await _stopped_decoder()
     try:
         with spooled() as body:
-            waiting = asyncio.create_task(offload.infer_body(body))
-            await asyncio.sleep(0)  # submitted
-            until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
-            waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
+            await _taken_then_cancelled(body)
         assert len(memfds(os.getpid())) == 1  # kept for the decoder
         offload.shutdown()
         until(lambda: decoder not in decoders(os.getpid()).values(), "the decoder ended", timeout=10)
@@ -52,6 +43,27 @@ async def _shutdown_while_decoding() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(decoder, signal.SIGCONT)
     until(lambda: memfds(os.getpid()) == [], "the body freed", timeout=10)
+
+
+async def _stopped_decoder() -> int:
+    """The large lane's decoder process, up and then held with SIGSTOP."""
+    with spooled() as warm:
+        await offload.infer_body(warm)
+    decoder = decoders(os.getpid())["l"]
+    os.kill(decoder, signal.SIGSTOP)
+    return decoder
+
+
+async def _taken_then_cancelled(body: Spool) -> None:
+    """A request for `body` cancelled once the stopped decoder's pool has taken its work (it can no longer be
+    taken back)."""
+    work = offload._process_pool("large")._pending_work_items  # type: ignore[attr-defined]
+    waiting = asyncio.create_task(offload.infer_body(body))
+    await asyncio.sleep(0)  # submitted
+    until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 def spooled() -> Spool:
@@ -70,19 +82,10 @@ def test_a_cancelled_request_keeps_its_body_open_until_the_decoder_is_done() -> 
 
 
 async def _cancel_while_queued() -> None:
-    with spooled() as warm:
-        await offload.infer_body(warm)  # the decoder process is up
-    decoder = decoders(os.getpid())["l"]
-    work = offload._process_pool("large")._pending_work_items  # type: ignore[attr-defined]
-    os.kill(decoder, signal.SIGSTOP)
+    decoder = await _stopped_decoder()
     try:
         with spooled() as body:
-            waiting = asyncio.create_task(offload.infer_body(body))
-            await asyncio.sleep(0)  # submitted
-            until(lambda: [item.future.running() for item in work.values()] == [True], "the path handed to the decoder")
-            waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
+            await _taken_then_cancelled(body)
         reader, writer = os.pipe()
         os.write(writer, b"not a body")
         os.close(writer)

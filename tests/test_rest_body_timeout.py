@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from rest_env import (
     WIDE,
-    answer_of,
+    all_answered,
     body_for,
     check_answer,
     decoders,
@@ -118,10 +118,6 @@ def test_waiting_for_a_slot_or_the_decoder_is_not_a_stalled_body(tmp_path: Path)
         finally:
             os.kill(decoder, signal.SIGCONT)
         rest.join(60)
-        for sock in socks:
-            with sock:
-                status, answer = answer_of(sock)
-            assert status == b"HTTP/1.1 200 OK", answer
-            np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+        all_answered(socks, values)
     finally:
         stop(env)

@@ -29,7 +29,7 @@ from rest_env import (
     LIMIT_MB,
     WIDE,
     Env,
-    answer_of,
+    all_answered,
     body_for,
     check_answer,
     decoders,
@@ -157,11 +157,7 @@ def test_at_most_a_few_large_bodies_are_held_at_once_and_the_rest_wait_unread(en
     finally:
         os.kill(decoder, signal.SIGCONT)
     rest.join(60)
-    for sock in socks:
-        with sock:
-            status, answer = answer_of(sock)
-        assert status == b"HTTP/1.1 200 OK", answer
-        np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+    all_answered(socks, values)
     until(lambda: memfds(env.pid) == [], "every memory file closed")
 
 
