@@ -8,6 +8,7 @@ niced and first in line for the OOM killer.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -238,3 +239,35 @@ def test_every_worker_of_a_tls_fleet_spools_and_parses_large_bodies(tmp_path: Pa
         assert all(memfds(worker) == [] for worker in workers)
     finally:
         stop(env)
+
+
+def test_a_compressed_body_is_judged_by_what_it_expands_to(env: Env) -> None:
+    """aiohttp inflates gzip bodies: a few KB on the wire that expand to MBs of JSON must be spooled and parsed by
+    the large bodies' decoder (held stopped here), not parsed on the loop by their Content-Length."""
+    check_answer(env)
+    decoder = decoders(env.pid)["l"]
+    values = np.zeros(WIDE, dtype=np.float32)
+    raw = body_for(values)
+    packed = gzip.compress(raw)
+    assert len(packed) < 16 << 10 <= (1 << 20) <= len(raw)
+    url = f"http://127.0.0.1:{env.port}/v2/models/wide/infer"
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    done: list[int] = []
+
+    def send() -> None:
+        request = urllib.request.Request(url, data=packed, method="POST", headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            np.testing.assert_allclose(json.loads(response.read())["outputs"][0]["data"], values + 1)
+            done.append(response.status)
+
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        until(lambda: spooled_sizes(env.pid) == [len(raw)], "the inflated body spooled for the large decoder")
+        check_answer(env, size=10)
+        assert not done
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    sender.join(60)
+    assert done == [200]

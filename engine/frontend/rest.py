@@ -170,13 +170,15 @@ def app(
             raise ServingError(
                 Code.REQUEST_TOO_LARGE, f"{request.content_length} bytes; limit {max_request_bytes} bytes"
             )
-        if request.content_length is not None and request.content_length < offload.JSON_INLINE_BYTES:
+        # aiohttp inflates gzip/deflate/br bodies: their Content-Length says nothing of what they expand to
+        length = request.content_length if request.headers.get("Content-Encoding", "identity") == "identity" else None
+        if length is not None and length < offload.JSON_INLINE_BYTES:
             try:
                 body = parse_infer(await asyncio.wait_for(request.read(), body_timeout))
             except TimeoutError:
-                raise ServingError(Code.BODY_TIMEOUT, f"{request.content_length} bytes not sent in time") from None
+                raise ServingError(Code.BODY_TIMEOUT, f"{length} bytes not sent in time") from None
         else:  # large or chunked: spooled as it arrives, parsed off the loop
-            large = request.content_length is None or request.content_length >= offload.INLINE_BYTES
+            large = length is None or length >= offload.INLINE_BYTES
             async with spooling if large else contextlib.nullcontext():  # the rest wait, their bodies unread
                 with await spool(request.content, max_request_bytes, body_timeout) as spooled:
                     body = await offload.infer_body(spooled)
