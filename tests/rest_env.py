@@ -7,7 +7,9 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +21,8 @@ import modelgen
 import numpy as np
 from conftest import ServerProcess, model_entry
 from harness import free_port
+
+from engine.frontend.rest import SPOOLED_BODIES
 
 LIMIT_MB = 16
 WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
@@ -152,3 +156,27 @@ def all_answered(socks: list[socket.socket], values: np.ndarray) -> None:
             status, answer = answer_of(sock)
         assert status == b"HTTP/1.1 200 OK", answer
         np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
+
+
+@contextlib.contextmanager
+def slots_filled(env: Env, values: np.ndarray) -> Iterator[None]:
+    """The large lane's decoder held stopped, every spool slot holding a whole body of `values`, and a 5th such
+    request being sent (it waits for a slot); on leaving, the decoder goes on and all 5 must be answered right."""
+    check_answer(env)
+    decoder = decoders(env.pid)["l"]
+    body = body_for(values)
+    socks = [socket.create_connection(("127.0.0.1", env.port), timeout=60) for _ in range(SPOOLED_BODIES + 1)]
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        for sock in socks[:SPOOLED_BODIES]:
+            send_head(sock, len(body))
+            sock.sendall(body)
+        until(lambda: spooled_sizes(env.pid) == [len(body)] * SPOOLED_BODIES, "every slot's body spooled")
+        send_head(socks[-1], len(body))
+        rest = threading.Thread(target=socks[-1].sendall, args=(body,))  # blocks once the socket buffers are full
+        rest.start()
+        yield
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    rest.join(60)
+    all_answered(socks, values)

@@ -4,9 +4,7 @@ waiting for a place or for the decoder is not stalling."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import socket
 import threading
 from pathlib import Path
@@ -14,15 +12,13 @@ from pathlib import Path
 import numpy as np
 from rest_env import (
     WIDE,
-    all_answered,
     body_for,
     check_answer,
-    decoders,
     memfds,
     post,
     response_of,
     send_head,
-    spooled_sizes,
+    slots_filled,
     start,
     stop,
     until,
@@ -96,28 +92,11 @@ def test_waiting_for_a_slot_or_the_decoder_is_not_a_stalled_body(tmp_path: Path)
     a stalled body's 408 shows the timeout has passed; the 5 clients sent everything and are all answered."""
     env = start(tmp_path, args=("--rest_body_timeout_seconds", "1"))
     try:
-        check_answer(env)
-        decoder = decoders(env.pid)["l"]
-        values = np.arange(WIDE, dtype=np.float32)
-        body = body_for(values)
-        socks = [socket.create_connection(("127.0.0.1", env.port), timeout=60) for _ in range(SPOOLED_BODIES + 1)]
-        os.kill(decoder, signal.SIGSTOP)
-        try:
-            for sock in socks[:SPOOLED_BODIES]:
-                send_head(sock, len(body))
-                sock.sendall(body)
-            until(lambda: spooled_sizes(env.pid) == [len(body)] * SPOOLED_BODIES, "every slot's body spooled")
-            send_head(socks[-1], len(body))
-            rest = threading.Thread(target=socks[-1].sendall, args=(body,))
-            rest.start()
+        with slots_filled(env, np.arange(WIDE, dtype=np.float32)):
             check_answer(env, size=10)  # the 5th request's headers are read: it waits for a slot from here on
             with socket.create_connection(("127.0.0.1", env.port), timeout=30) as stalled:
                 send_head(stalled, 100)
                 stalled.sendall(b'{"inputs": [')
                 assert response_of(stalled)[0] == b"HTTP/1.1 408 Request Timeout"  # a timeout's length went by
-        finally:
-            os.kill(decoder, signal.SIGCONT)
-        rest.join(60)
-        all_answered(socks, values)
     finally:
         stop(env)

@@ -30,13 +30,12 @@ from rest_env import (
     LIMIT_MB,
     WIDE,
     Env,
-    all_answered,
     body_for,
     check_answer,
     decoders,
     memfds,
     post,
-    send_head,
+    slots_filled,
     spooled_sizes,
     start,
     stop,
@@ -138,27 +137,10 @@ def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
 def test_at_most_a_few_large_bodies_are_held_at_once_and_the_rest_wait_unread(env: Env) -> None:
     """With the decoder held stopped, 4 bodies fill every slot; a 5th, whose headers the server read before a small
     request it answers, is not read (no memory file) until a slot frees; then all 5 are answered."""
-    check_answer(env)
-    decoder = decoders(env.pid)["l"]
-    values = np.arange(WIDE, dtype=np.float32)
-    body = body_for(values)
-    socks = [socket.create_connection(("127.0.0.1", env.port)) for _ in range(SPOOLED_BODIES + 1)]
-    os.kill(decoder, signal.SIGSTOP)
-    try:
-        for sock in socks[:SPOOLED_BODIES]:
-            send_head(sock, len(body))
-            sock.sendall(body)
-        until(lambda: spooled_sizes(env.pid) == [len(body)] * SPOOLED_BODIES, "every slot's body spooled")
-        send_head(socks[-1], len(body))
-        rest = threading.Thread(target=socks[-1].sendall, args=(body,))  # blocks once the socket buffers are full
-        rest.start()
+    with slots_filled(env, np.arange(WIDE, dtype=np.float32)):
         check_answer(env, size=10)  # inline, answered after the loop read the 5th request's headers
         assert len(memfds(env.pid)) == SPOOLED_BODIES
         check_answer(env, size=3000)  # a medium body with a Content-Length takes no slot: the other decoder's
-    finally:
-        os.kill(decoder, signal.SIGCONT)
-    rest.join(60)
-    all_answered(socks, values)
     until(lambda: memfds(env.pid) == [], "every memory file closed")
 
 
