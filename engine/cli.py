@@ -37,7 +37,8 @@ def _serve_parser() -> Parser:
     p.add_argument("--watch_mode", choices=["auto", "poll"], default="auto", help="poll: for NFS/fuse without inotify")
     p.add_argument("--max_request_mb", type=int, default=256, help="largest request body, in MiB (default 256)")
     p.add_argument("--rest_body_timeout_seconds", type=float, default=30.0,
-                   help="REST: refuse a body (408) that sends no bytes for this long (default 30)")  # fmt: skip
+                   help="REST: refuse a body (408) that sends no bytes for this long, or under 64 KiB/s after it "
+                        "(default 30)")  # fmt: skip
     p.add_argument("--tls_cert", type=Path, help="PEM certificate (chain): TLS on both ports; needs --tls_key")
     p.add_argument("--tls_key", type=Path, help="PEM private key of --tls_cert (unencrypted)")
     p.add_argument("--tls_client_ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS)")

@@ -3,6 +3,7 @@ HTTP 400 naming the input, a good request is answered right after, and nothing i
 
 from __future__ import annotations
 
+import gzip
 import json
 import struct
 import time
@@ -255,6 +256,38 @@ def test_request_size_limit(env: Env) -> None:
     status, answer = http("POST", f"{env.rest}/v2/models/dummy/infer", body.encode())  # > 1 MiB: decoder process
     assert status == 400 and "Expected: 10; Actual: 300000" in answer["error"], answer
     _rest_good(env)
+
+
+def test_a_compressed_request_is_limited_by_what_it_inflates_to(env: Env) -> None:
+    """A few KB on the wire that inflate past --max_request_mb: gRPC (gzip message) RESOURCE_EXHAUSTED, REST (gzip
+    body, its Content-Length small) 413, and the server's peak memory does not grow by what they inflate to."""
+    inflated = 64 * MAX_REQUEST_MB << 20  # 128 MB of zeros, ~130 KB gzipped
+    request = service_pb2.ModelInferRequest(model_name="dummy")
+    request.inputs.add(name="b", datatype="FP32", shape=[1, 10])
+    request.raw_input_contents.append(bytes(inflated))
+    peak = _peak_mb(env.server.proc.pid, reset=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        env.kserve.ModelInfer(request, timeout=30, compression=grpc.Compression.Gzip)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    packed = gzip.compress(bytes(inflated), compresslevel=1)
+    assert len(packed) < inflated // 100
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    posted = urllib.request.Request(f"{env.rest}/v2/models/dummy/infer", packed, headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(posted, timeout=30)
+    assert refused.value.code == 413, refused.value.read()
+    assert _peak_mb(env.server.proc.pid) < peak + inflated // 4 / (1 << 20)
+    _check_good(env)
+    _rest_good(env)
+
+
+def _peak_mb(pid: int, reset: bool = False) -> float:
+    """The process's peak resident size; `reset`: from now on (the peak set to the current size first)."""
+    if reset:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
 
 
 # ---- logging: one line per (model, reason) per interval, never a traceback ----

@@ -7,6 +7,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,5 +99,38 @@ def test_waiting_for_a_slot_or_the_decoder_is_not_a_stalled_body(tmp_path: Path)
                 send_head(stalled, 100)
                 stalled.sendall(b'{"inputs": [')
                 assert response_of(stalled)[0] == b"HTTP/1.1 408 Request Timeout"  # a timeout's length went by
+    finally:
+        stop(env)
+
+
+def test_a_body_under_the_minimum_rate_is_refused_and_a_slow_steady_one_is_not(tmp_path: Path) -> None:
+    """--rest_body_timeout_seconds 1: a client trickling 100 bytes every 50 ms (never a second without a byte) gets
+    408 once its first second is over; a body sent over 2 s at ~1 MB/s, past the timeout in all, is answered."""
+    env = start(tmp_path, args=("--rest_body_timeout_seconds", "1"))
+    try:
+        values = np.arange(WIDE, dtype=np.float32)
+        body = body_for(values)
+        answered = threading.Event()
+        with socket.create_connection(("127.0.0.1", env.port), timeout=30) as trickler:
+
+            def trickle() -> None:
+                with contextlib.suppress(OSError):  # the server closes the connection after its 408
+                    for offset in range(0, min(len(body), 400 * 100), 100):  # 20 s of it at most
+                        if answered.wait(0.05):
+                            return
+                        trickler.sendall(body[offset : offset + 100])
+
+            send_head(trickler, len(body))
+            sender = threading.Thread(target=trickle)
+            sender.start()
+            status, answer = response_of(trickler)
+            answered.set()
+            sender.join(30)
+        assert status == b"HTTP/1.1 408 Request Timeout", answer
+        assert "under the 64 KiB/s a body must keep after its first 1 s" in answer["error"], answer
+        steady = (body[i : i + len(body) // 32 + 1] for i in range(0, len(body), len(body) // 32 + 1))
+        status, answer = post(env, (time.sleep(0.0625) or piece for piece in steady), chunked=True)
+        assert status == 200, answer
+        np.testing.assert_allclose(answer["outputs"][0]["data"], values + 1, rtol=1e-6)
     finally:
         stop(env)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
@@ -18,6 +19,7 @@ from aiohttp import StreamReader
 
 from ..errors import Code, ServingError
 
+MIN_RATE = 64 << 10  # bytes/s a spooled body keeps on average after its first `idle` seconds (mod_reqtimeout's rule)
 MFD_NOEXEC_SEAL = 0x0008  # Linux 6.3+ (os has it from Python 3.12): never executable, as vm.memfd_noexec=2 demands
 
 
@@ -74,13 +76,21 @@ class Spool:
 
 async def spool(content: StreamReader, limit: int, idle: float) -> Spool:
     """The whole body, refused with REQUEST_TOO_LARGE as soon as it passes `limit` bytes (chunked bodies too), and
-    with BODY_TIMEOUT when no byte of it comes for `idle` seconds (it holds a slot: see rest.py)."""
+    with BODY_TIMEOUT when no byte of it comes for `idle` seconds, or when after its first `idle` seconds it has come
+    at under MIN_RATE on average: a body holds a slot (see rest.py), and a byte just inside `idle` must not keep it."""
     body = Spool()
+    start = time.monotonic()
     try:
         while chunk := await _next(content, idle, body.size):
             if body.size + len(chunk) > limit:
                 raise ServingError(Code.REQUEST_TOO_LARGE, f"more than {limit} bytes")
             body.write(chunk)
+            if (elapsed := time.monotonic() - start) > idle + body.size / MIN_RATE:
+                raise ServingError(
+                    Code.BODY_TIMEOUT,
+                    f"{body.size} bytes in {elapsed:.1f} s, under the {MIN_RATE >> 10} KiB/s a body must keep after "
+                    f"its first {idle:g} s",
+                )
     except BaseException:
         body.close()
         raise
