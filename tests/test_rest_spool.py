@@ -84,10 +84,14 @@ def test_a_body_abandoned_half_way_leaves_no_memory_file(env: Env) -> None:
     check_answer(env)
 
 
-def test_a_decoder_killed_mid_request_is_a_clear_error_and_the_next_body_is_served(env: Env) -> None:
+def test_a_decoder_killed_mid_request_fails_that_request_alone(env: Env) -> None:
+    """The large lane's decoder killed in a body (held stopped) while a second whole body waits for it: the first
+    request gets a clear 500, the second is answered by a fresh decoder, and so is the next."""
     check_answer(env)  # the large bodies' decoder process is up
     decoder = decoders(env.pid)["l"]
     body = body_for(np.zeros(WIDE, dtype=np.float32))
+    waiting = np.arange(WIDE, dtype=np.float32)
+    done: list[tuple[int, dict]] = []
     os.kill(decoder, signal.SIGSTOP)  # it cannot finish this body before it is killed
     try:
         with socket.create_connection(("127.0.0.1", env.port)) as sock:
@@ -97,6 +101,9 @@ def test_a_decoder_killed_mid_request_is_a_clear_error_and_the_next_body_is_serv
                 + body
             )
             until(lambda: spooled_sizes(env.pid) == [len(body)], "the whole body spooled")
+            sender = threading.Thread(target=lambda: done.append(post(env, body_for(waiting))))
+            sender.start()
+            until(lambda: len(spooled_sizes(env.pid)) == 2, "the second body spooled, waiting for the decoder")
             os.kill(decoder, signal.SIGKILL)
             answer = b""
             while chunk := sock.recv(65536):
@@ -107,6 +114,10 @@ def test_a_decoder_killed_mid_request_is_a_clear_error_and_the_next_body_is_serv
     head, _, text = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 500"), answer[:300]
     assert "the request decoder process died (out of memory or killed); try again" in json.loads(text)["error"]
+    sender.join(60)
+    ((status, answer),) = done
+    assert status == 200, answer
+    np.testing.assert_allclose(answer["outputs"][0]["data"], waiting + 1, rtol=1e-6)
     assert memfds(env.pid) == []
     check_answer(env)  # by a fresh decoder
     assert decoders(env.pid)["l"] != decoder

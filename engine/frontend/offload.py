@@ -32,6 +32,7 @@ log = logging.getLogger("hotserve.requests")
 _lock = threading.Lock()
 _threads: ThreadPoolExecutor | None = None
 _processes: dict[str, ProcessPoolExecutor] = {}  # per lane: a huge body never queues a medium one behind it
+_turns: dict[str, asyncio.Lock] = {}  # per lane: one body in its decoder at a time, so a death fails that body alone
 _by_path = True  # False once a decoder was refused the server's /proc/<pid>/fd: bodies are then copied to it
 
 
@@ -106,21 +107,22 @@ async def infer_body(body: Spool) -> InferBody:
     if body.size < JSON_INLINE_BYTES:
         return parse_infer(body.read())
     lane = "small" if body.size < INLINE_BYTES else "large"
-    pool = _process_pool(lane)
-    future: Future[InferBody | None] | None = None
-    try:
-        if _by_path:
-            future = pool.submit(_parse_file, body.path)
-            if (parsed := await asyncio.wrap_future(future)) is not None:
-                return parsed
-            _refused(body.path)
-        return await _run(pool, parse_infer, body.read())  # the body itself, pickled
-    except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh one for the next request
-        _discard(lane, pool)
-        raise _died() from None
-    finally:
-        if future is not None and not future.done():  # cancelled (shutdown) while queued for the decoder or in it
-            body.close_after(future)
+    async with _turns.setdefault(lane, asyncio.Lock()):  # the rest wait here, not in the pool that may break
+        pool = _process_pool(lane)
+        future: Future[InferBody | None] | None = None
+        try:
+            if _by_path:
+                future = pool.submit(_parse_file, body.path)
+                if (parsed := await asyncio.wrap_future(future)) is not None:
+                    return parsed
+                _refused(body.path)
+            return await _run(pool, parse_infer, body.read())  # the body itself, pickled
+        except BrokenProcessPool:  # the worker died (killed, out of memory) in this body: a fresh one for the next
+            _discard(lane, pool)
+            raise _died() from None
+        finally:
+            if future is not None and not future.done():  # cancelled (shutdown) while the decoder has it
+                body.close_after(future)
 
 
 def _died() -> ServingError:
@@ -140,6 +142,7 @@ def shutdown() -> None:
         decoders = list(_processes.values())
         threads, _threads = _threads, None
         _processes.clear()
+        _turns.clear()  # bound to this event loop
     # a decoder may be deep in a body nobody awaits any more: the interpreter's exit would wait for it
     workers = [worker for pool in decoders for worker in (pool._processes or {}).values()]  # 3.14: terminate_workers()
     for pool in [threads, *decoders]:
