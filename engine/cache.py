@@ -6,13 +6,20 @@ on the shared ov.Core — OpenVINO caches models compiled from memory too, so a 
 blob of a decrypted model.
 
 OpenVINO keys a path-compiled blob by the path, so weights rewritten in place would come back stale. Each load
-therefore gets a subfolder named by a hash of the model files' content plus the compile options that change the
-compiled graph.
+therefore gets a subfolder named by a hash of the model files' content, the compile options that change the
+compiled graph and OpenVINO's version.
+
+OpenVINO (2026.4, CPU) recompiles a truncated or random blob, but imports one with changed constant bytes and
+serves wrong outputs: it has no checksum. So each folder's `.manifest.json` vouches for its blobs (SHA-256, and
+the stat identity that lets a warm start skip re-reading them), and a blob it does not vouch for is removed before
+OpenVINO may import it. Compiles in one folder hold its `.lock` (flock), so two servers sharing the dir never take
+each other's half-written blob for a bad one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +27,8 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,25 @@ log = logging.getLogger("hotserve.modelmanager")
 
 DEFAULT_DIR = Path("/opt/cache")
 CHUNK = 1 << 20
+MANIFEST = ".manifest.json"  # in each folder: blob name → {"sha256", "stat"}, written once the blob is complete
+LOCK = ".lock"  # in each folder: flock held for a compile with the folder
+LOCK_WAIT = 600.0  # seconds; a process stuck mid-compile must not stall our loads for good
+RACY_NS = 2_000_000_000  # a stat taken this soon after the file's last change may miss a change in the same tick
+
+StatKey = tuple[int, ...]
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    """What changes whenever the file's bytes do: no user-level call sets ctime back."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class CacheFolder:
+    """One compile's subfolder of the cache, and the model files' identities when their content was hashed."""
+
+    path: Path
+    sources: tuple[tuple[Path, StatKey], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,32 +153,33 @@ class ModelCache:
 
     def digest(self, path: Path) -> str:
         """sha256 of a file's bytes, memoised by (dev, inode, size, mtime, ctime): a rewrite always changes ctime."""
-        st = path.stat()
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return self._digest(path)[1]
+
+    def _digest(self, path: Path) -> tuple[StatKey, str]:
+        key = stat_key(path.stat())
         with self._lock:
             found = self._digests.get(key)
         if found is not None:
-            return found
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        digest = h.hexdigest()
+            return key, found
+        digest = _sha256(path)
         with self._lock:
             self._digests[key] = digest
             self._save_index()
-        return digest
+        return key, digest
 
-    def dir_for(self, model_name: str, files: Sequence[Path], compile_key: str) -> Path:
-        """The subfolder for this content and these compile options (created, and marked as just used)."""
-        h = hashlib.sha256(compile_key.encode())
+    def dir_for(self, model_name: str, files: Sequence[Path], compile_key: str) -> CacheFolder:
+        """The subfolder for this content, these compile options and this OpenVINO (created, marked as just used)."""
+        h = hashlib.sha256(f"{ov.get_version()}\0{compile_key}".encode())
+        sources = []
         for path in files:
-            h.update(self.digest(path).encode())
+            key, digest = self._digest(path)
+            h.update(digest.encode())
+            sources.append((path, key))
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
         folder = self.inside(self.root / safe / h.hexdigest()[:24])
         folder.mkdir(parents=True, exist_ok=True)
         os.utime(folder)
-        return folder
+        return CacheFolder(folder, tuple(sources))
 
     def inside(self, path: Path) -> Path:
         """`path`, checked to be a strict descendant of the cache dir (model names are validated; this is the net)."""
@@ -200,25 +228,131 @@ class ModelCache:
 
 
 def compile_model(
-    core: ov.Core, source: ov.Model | Path, device: str, config: Mapping[str, object], cache_dir: Path | None
+    core: ov.Core, source: ov.Model | Path, device: str, config: Mapping[str, object], folder: CacheFolder | None
 ) -> tuple[ov.CompiledModel, bool]:
-    """Compile, with CACHE_DIR in this call's config only. A bad blob or a full disk never fails the load."""
-    if cache_dir is None:
+    """Compile, with CACHE_DIR in this call's config only. A bad blob or a full disk never fails the load, and a
+    blob the folder's manifest does not vouch for is never imported."""
+    if folder is None:
         return core.compile_model(_source(source), device, dict(config)), False
+    cache_dir = folder.path
     try:
-        compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
-        from_cache = _loaded_from_cache(compiled)
-        if not from_cache and _exports(core, device):  # a plugin that cannot export never writes a blob
-            _check_blob_written(cache_dir)
-        return compiled, from_cache
+        with _held(cache_dir):
+            _admit(cache_dir)
+            compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
+            from_cache = _loaded_from_cache(compiled)
+            if not from_cache:
+                try:
+                    _vouch(folder)
+                except OSError as exc:  # e.g. the disk full: unrecorded, the blob is compiled afresh next time
+                    log.warning("Model cache folder %s: blob not recorded (%s)", cache_dir, exc)
+                if _exports(core, device):  # a plugin that cannot export never writes a blob
+                    _check_blob_written(cache_dir)
+            return compiled, from_cache
     except RuntimeError as exc:
         log.warning("Compiling with the cache in %s failed (%s); clearing it and compiling without", cache_dir,
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)  # fmt: skip
-        for blob in cache_dir.glob("*"):
+        for blob in [*_blobs(cache_dir), cache_dir / MANIFEST]:  # not the lock: another process may wait on it
             with contextlib.suppress(OSError):
                 blob.unlink()
+    except (OSError, TimeoutError) as exc:  # the folder gone (evicted, deleted), unreadable, or its lock held
+        log.warning("Model cache folder %s not usable (%s); compiling without the cache", cache_dir, exc)
     compiled = core.compile_model(_source(source), device, dict(config))
     return compiled, False
+
+
+# ---- the manifest: which blobs this server (or one sharing the dir) wrote whole ----
+@contextlib.contextmanager
+def _held(folder: Path) -> Iterator[None]:
+    with open(folder / LOCK, "a") as lock:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has held {folder / LOCK} for {LOCK_WAIT:g} s") from None
+                time.sleep(0.05)  # in a load thread: another process is compiling this same model
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _blobs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
+def _read_manifest(folder: Path) -> dict[str, dict[str, object]]:
+    try:
+        found = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):  # none yet, or damaged: then it vouches for nothing
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {}
+
+
+def _write_manifest(folder: Path, entries: Mapping[str, Mapping[str, object]]) -> None:
+    tmp = folder / f"{MANIFEST}.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_text(json.dumps(entries, sort_keys=True))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _entry(blob: Path, st: os.stat_result, digest: str) -> dict[str, object]:
+    """A stat taken just after a write may miss a second write in the same timestamp tick: then hash next time."""
+    settled = time.time_ns() - st.st_ctime_ns > RACY_NS
+    return {"sha256": digest, "stat": list(stat_key(st)) if settled else None}
+
+
+def _admit(folder: Path) -> None:
+    """Remove every blob the manifest does not vouch for, before OpenVINO may import it."""
+    manifest = _read_manifest(folder)
+    kept = {}
+    for blob in _blobs(folder):
+        entry = manifest.get(blob.name)
+        st = blob.stat()
+        if entry is not None and entry.get("stat") == list(stat_key(st)):
+            kept[blob.name] = entry
+            continue
+        if entry is not None and (digest := _sha256(blob)) == entry.get("sha256"):
+            kept[blob.name] = _entry(blob, st, digest)  # the same bytes (a copied cache, a restored backup)
+            continue
+        why = "was never recorded as complete" if entry is None else "was modified after it was written"
+        log.warning("Cache blob %s %s; removed, the model compiles from its files", blob, why)
+        blob.unlink()
+    if kept != manifest:
+        _write_manifest(folder, kept)
+
+
+def _vouch(folder: CacheFolder) -> None:
+    """After a compile that wrote a blob: record it, unless a model file changed since it was hashed (the blob may
+    hold the new bytes under the old content's folder, and would come back when the old bytes did)."""
+    changed = [path for path, key in folder.sources if not _same(path, key)]
+    manifest = _read_manifest(folder.path)
+    for blob in _blobs(folder.path):
+        if (entry := manifest.get(blob.name)) is not None and entry.get("stat") == list(stat_key(blob.stat())):
+            continue  # vouched for before, and unchanged since
+        if changed:
+            log.warning("Model file %s changed while it was being compiled; its cache blob %s is not kept", changed[0],
+                        blob)  # fmt: skip
+            blob.unlink()
+            continue
+        manifest[blob.name] = _entry(blob, blob.stat(), _sha256(blob))
+    _write_manifest(folder.path, manifest)
+
+
+def _same(path: Path, key: StatKey) -> bool:
+    try:
+        return stat_key(path.stat()) == key
+    except OSError:
+        return False
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _exports(core: ov.Core, device: str) -> bool:

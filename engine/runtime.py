@@ -246,7 +246,7 @@ class Runtime:
             compiled.plaintext_weights = plaintext  # lives (and is wiped) with the compiled model
         if cache_dir is not None and self.cache is not None:
             try:
-                self.cache.enforce_limit(keep=cache_dir)
+                self.cache.enforce_limit(keep=cache_dir.path)
             except OSError as exc:  # e.g. another process evicting the same folders: the load still stands
                 log.warning("Model cache %s: size limit not enforced: %s", self.cache.root, exc)
         return compiled, from_cache
@@ -302,7 +302,7 @@ class Runtime:
 
     def _cache_dir(
         self, model: ModelConfig, files: list[Path], requested: Mapping[str, tuple[int, ...]] | None
-    ) -> Path | None:
+    ) -> cache_rules.CacheFolder | None:
         """The cache folder for this compile, or None (compile without the cache) when it cannot be made."""
         assert self.cache is not None
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import modelgen
 import numpy as np
+import openvino as ov
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ROOT, ServerProcess, model_entry
@@ -197,6 +199,92 @@ def test_corrupt_blob_still_loads_and_is_replaced(tmp_path: Path, dummy: Path, d
     np.testing.assert_allclose(after.outputs["dummy"], X + 1)  # type: ignore[attr-defined]
     again = run_once(tmp_path, cache, model_entry("dummy", dummy))
     assert "loaded from cache: True" in again.log
+
+
+ADDEND = (np.arange(10, dtype=np.float32) + 1000.5).reshape(1, 10)  # constants that can be found in the blob
+
+
+def test_a_blob_with_a_changed_constant_is_never_imported(tmp_path: Path) -> None:
+    """OpenVINO has no checksum: it imports a blob whose constant bytes were changed and serves wrong outputs
+    (measured). The folder's manifest no longer vouches for it, so it is removed and the model compiled afresh."""
+    cache = tmp_path / "cache"
+    modelgen.add_const(tmp_path / "m" / "1", addend=ADDEND)
+    run_once(tmp_path, cache, model_entry("m", tmp_path / "m"))
+    (blob,) = blobs(cache)
+    data = blob.read_bytes()
+    at = data.find(ADDEND[0, 3].tobytes())
+    assert at > 0
+    blob.write_bytes(data[:at] + np.float32(-7.0).tobytes() + data[at + 4 :])
+    after = run_once(tmp_path, cache, model_entry("m", tmp_path / "m"))
+    np.testing.assert_allclose(after.outputs["m"], X + ADDEND)  # type: ignore[attr-defined]
+    assert f"Cache blob {blob} was modified after it was written; removed" in after.log
+    again = run_once(tmp_path, cache, model_entry("m", tmp_path / "m"))
+    assert "loaded from cache: True" in again.log and "Cache blob" not in again.log
+    np.testing.assert_allclose(again.outputs["m"], X + ADDEND)  # type: ignore[attr-defined]
+
+
+def test_a_blob_of_unknown_origin_is_removed_and_an_intact_copy_kept(tmp_path: Path, dummy: Path) -> None:
+    """The same bytes under a new inode (a copied cache, a restored backup) are kept without a word; a blob the
+    manifest does not know (a writer killed before it recorded it, a cache from elsewhere) is removed."""
+    cache = tmp_path / "cache"
+    run_once(tmp_path, cache, model_entry("dummy", dummy))
+    (blob,) = blobs(cache)
+    copy = blob.with_name("copy")
+    copy.write_bytes(blob.read_bytes())
+    copy.replace(blob)
+    kept = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    assert "loaded from cache: True" in kept.log and "Cache blob" not in kept.log
+    (blob.parent / cache_rules.MANIFEST).unlink()
+    unknown = run_once(tmp_path, cache, model_entry("dummy", dummy))
+    assert f"Cache blob {blob} was never recorded as complete; removed" in unknown.log
+    assert "loaded from cache: False" in unknown.log
+    np.testing.assert_allclose(unknown.outputs["dummy"], X + 1)  # type: ignore[attr-defined]
+    assert "loaded from cache: True" in run_once(tmp_path, cache, model_entry("dummy", dummy)).log
+
+
+def test_weights_changed_during_the_compile_never_stay_under_the_old_content(tmp_path: Path) -> None:
+    """The files are hashed, then OpenVINO reads them: new weights written in between must not leave a blob in
+    the old content's folder (restoring the old bytes would then import the new weights)."""
+    xml = modelgen.add_const(tmp_path / "m" / "1", addend=np.full((1, 10), 1.0, np.float32))
+    weights = xml.with_suffix(".bin")
+    original = weights.read_bytes()
+    cache = cache_rules.ModelCache(tmp_path / "cache")
+    folder = cache.dir_for("m", [xml, weights], "CPU")
+    weights.write_bytes(np.full((1, 10), 5.0, np.float32).tobytes())  # after hashing, before compiling
+    compiled, _ = cache_rules.compile_model(ov.Core(), xml, "CPU", {}, folder)
+    np.testing.assert_allclose(compiled(X)[0], X + 5)
+    assert not blobs(folder.path)
+    weights.write_bytes(original)
+    again = cache.dir_for("m", [xml, weights], "CPU")
+    assert again.path == folder.path
+    compiled, from_cache = cache_rules.compile_model(ov.Core(), xml, "CPU", {}, again)
+    assert from_cache is False
+    np.testing.assert_allclose(compiled(X)[0], X + 1)
+    assert len(blobs(folder.path)) == 1
+
+
+def test_a_blob_another_server_is_writing_is_waited_for_not_removed(tmp_path: Path, dummy: Path) -> None:
+    """A second server sharing the dir, its load started while the test holds the folder's lock with the blob not
+    yet recorded (as a server mid-compile has it): it waits, then imports the blob once it is recorded."""
+    cache = tmp_path / "cache"
+    run_once(tmp_path, cache, model_entry("dummy", dummy))
+    (blob,) = blobs(cache)
+    manifest = blob.parent / cache_rules.MANIFEST
+    recorded = manifest.read_bytes()
+    config = tmp_path / "models.json"
+    with open(blob.parent / cache_rules.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest.unlink()  # the blob is written, not yet recorded
+        server = ServerProcess(["--config_path", str(config), "--port", "0", "--cache_dir", str(cache)],
+                               tmp_path / "waiting.log")  # fmt: skip
+        try:
+            server.wait_for("Loading model: dummy")
+            manifest.write_bytes(recorded)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            server.wait_ready()
+        finally:
+            server.stop()
+    assert "loaded from cache: True" in server.log and "Cache blob" not in server.log
 
 
 def test_size_limit_evicts_least_recently_used(tmp_path: Path) -> None:
