@@ -216,11 +216,15 @@ class ModelCache:
                 break
             if keep is not None and folder == keep:
                 continue
-            try:
-                shutil.rmtree(self.inside(folder), ignore_errors=True)
-            except CacheEscape as exc:  # e.g. a symlink to elsewhere: never delete outside the cache dir
-                log.warning("Model cache: not evicting %s", exc)
-                continue
+            with _idle(folder) as idle:
+                if not idle:  # a compile (here or in a server sharing the dir) is writing its blob there
+                    log.info("Cache size limit: not evicting %s now, a compile is using it", folder)
+                    continue
+                try:
+                    shutil.rmtree(self.inside(folder), ignore_errors=True)
+                except CacheEscape as exc:  # e.g. a symlink to elsewhere: never delete outside the cache dir
+                    log.warning("Model cache: not evicting %s", exc)
+                    continue
             total -= sizes[folder]
             log.info(
                 "Cache size limit %d bytes exceeded: evicted %s (%d bytes)", self.size_limit, folder, sizes[folder]
@@ -241,11 +245,12 @@ def compile_model(
             compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
             from_cache = _loaded_from_cache(compiled)
             if not from_cache:
+                dropped = False
                 try:
-                    _vouch(folder)
+                    dropped = _vouch(folder)
                 except OSError as exc:  # e.g. the disk full: unrecorded, the blob is compiled afresh next time
                     log.warning("Model cache folder %s: blob not recorded (%s)", cache_dir, exc)
-                if _exports(core, device):  # a plugin that cannot export never writes a blob
+                if not dropped and _exports(core, device):  # a plugin that cannot export never writes a blob
                     _check_blob_written(cache_dir)
             return compiled, from_cache
     except RuntimeError as exc:
@@ -273,10 +278,38 @@ def _held(folder: Path) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"another process has held {folder / LOCK} for {LOCK_WAIT:g} s") from None
                 time.sleep(0.05)  # in a load thread: another process is compiling this same model
+        if not _same_file(lock.fileno(), folder / LOCK):  # evicted while we waited: a new lock may be held beside
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            raise FileNotFoundError(f"{folder} was evicted while this compile waited for its lock")
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _idle(folder: Path) -> Iterator[bool]:
+    """True, with the folder's lock held, when no compile holds it; False at once otherwise."""
+    try:
+        lock = open(folder / LOCK, "a")  # noqa: SIM115 — closed below, which releases the lock
+    except OSError:  # the folder is gone already
+        yield False
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st, at = os.fstat(fd), path.stat()
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (at.st_dev, at.st_ino)
 
 
 def _blobs(folder: Path) -> list[Path]:
@@ -320,12 +353,16 @@ def _admit(folder: Path) -> None:
         log.warning("Cache blob %s %s; removed, the model compiles from its files", blob, why)
         blob.unlink()
     if kept != manifest:
-        _write_manifest(folder, kept)
+        try:
+            _write_manifest(folder, kept)
+        except OSError as exc:  # e.g. the disk full: what is kept was checked; only the record of it is lost
+            log.debug("Model cache folder %s: manifest not updated (%s)", folder, exc)
 
 
-def _vouch(folder: CacheFolder) -> None:
+def _vouch(folder: CacheFolder) -> bool:
     """After a compile that wrote a blob: record it, unless a model file changed since it was hashed (the blob may
-    hold the new bytes under the old content's folder, and would come back when the old bytes did)."""
+    hold the new bytes under the old content's folder, and would come back when the old bytes did). True when a
+    model file had changed, so no blob is kept on purpose."""
     changed = [path for path, key in folder.sources if not _same(path, key)]
     manifest = _read_manifest(folder.path)
     for blob in _blobs(folder.path):
@@ -338,6 +375,7 @@ def _vouch(folder: CacheFolder) -> None:
             continue
         manifest[blob.name] = _entry(blob, blob.stat(), _sha256(blob))
     _write_manifest(folder.path, manifest)
+    return bool(changed)
 
 
 def _same(path: Path, key: StatKey) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import modelgen
@@ -242,18 +245,23 @@ def test_a_blob_of_unknown_origin_is_removed_and_an_intact_copy_kept(tmp_path: P
     assert "loaded from cache: True" in run_once(tmp_path, cache, model_entry("dummy", dummy)).log
 
 
-def test_weights_changed_during_the_compile_never_stay_under_the_old_content(tmp_path: Path) -> None:
+def test_weights_changed_during_the_compile_never_stay_under_the_old_content(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The files are hashed, then OpenVINO reads them: new weights written in between must not leave a blob in
-    the old content's folder (restoring the old bytes would then import the new weights)."""
+    the old content's folder (restoring the old bytes would then import the new weights). The blob dropped on
+    purpose is not a cache that wrote nothing: no "is the disk full?" warning."""
     xml = modelgen.add_const(tmp_path / "m" / "1", addend=np.full((1, 10), 1.0, np.float32))
     weights = xml.with_suffix(".bin")
     original = weights.read_bytes()
     cache = cache_rules.ModelCache(tmp_path / "cache")
     folder = cache.dir_for("m", [xml, weights], "CPU")
     weights.write_bytes(np.full((1, 10), 5.0, np.float32).tobytes())  # after hashing, before compiling
-    compiled, _ = cache_rules.compile_model(ov.Core(), xml, "CPU", {}, folder)
+    with caplog.at_level(logging.WARNING, "hotserve.modelmanager"):
+        compiled, _ = cache_rules.compile_model(ov.Core(), xml, "CPU", {}, folder)
     np.testing.assert_allclose(compiled(X)[0], X + 5)
     assert not blobs(folder.path)
+    assert "changed while it was being compiled" in caplog.text and "is not working" not in caplog.text
     weights.write_bytes(original)
     again = cache.dir_for("m", [xml, weights], "CPU")
     assert again.path == folder.path
@@ -307,6 +315,58 @@ def test_size_limit_evicts_least_recently_used(tmp_path: Path) -> None:
     assert sum(b.stat().st_size for b in blobs(cache)) <= int(limit)
     assert "evicted" in server.log
     assert not (cache / "c0").exists() or not any((cache / "c0").rglob("*.blob"))
+
+
+def test_eviction_skips_a_folder_another_compile_holds(tmp_path: Path) -> None:
+    """Another server (or load thread) compiling in a folder holds its lock: evicting that folder then would drop
+    the blob being written and the lock itself (a third compile could take a fresh one beside the first)."""
+    cache = cache_rules.ModelCache(tmp_path / "cache", size_limit=1)
+    folders = []
+    for name in ("old", "new"):
+        xml = modelgen.add_const(tmp_path / name / "1")
+        folders.append(folder := cache.dir_for(name, [xml, xml.with_suffix(".bin")], "CPU"))
+        cache_rules.compile_model(ov.Core(), xml, "CPU", {}, folder)
+    old, new = (f.path for f in folders)
+    with open(old / cache_rules.LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a compile in that folder has it
+        cache.enforce_limit(keep=new)
+        assert blobs(old) and (old / cache_rules.LOCK).exists()
+    cache.enforce_limit(keep=new)
+    assert not old.exists() and blobs(new)
+
+
+def test_a_lock_replaced_while_waited_for_is_not_taken_for_the_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compile waits for a folder's lock; meanwhile the folder is evicted and made again, with a new lock file
+    that another compile may hold. The old lock, once free, no longer guards the folder: compile without it."""
+    xml = modelgen.add_const(tmp_path / "m" / "1")
+    cache = cache_rules.ModelCache(tmp_path / "cache")
+    folder = cache.dir_for("m", [xml, xml.with_suffix(".bin")], "CPU")
+    path = folder.path / cache_rules.LOCK
+    result: list[tuple[ov.CompiledModel, bool]] = []
+    with open(path, "a") as lock, caplog.at_level(logging.WARNING, "hotserve.modelmanager"):
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: result.append(cache_rules.compile_model(ov.Core(), xml, "CPU", {},
+                                                                                         folder)))  # fmt: skip
+        waiter.start()
+        while sum(1 for fd in Path("/proc/self/fd").iterdir() if _points_at(fd, path)) < 2:  # waiter in _held
+            waiter.join(0.01)
+            assert waiter.is_alive()
+        path.unlink()
+        path.touch()  # the folder evicted and made again by another server
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        waiter.join()
+    ((compiled, from_cache),) = result
+    assert not from_cache and not blobs(folder.path)
+    assert "was evicted while this compile waited for its lock" in caplog.text
+    np.testing.assert_allclose(compiled(X)[0], X + 1)
+
+
+def _points_at(fd: Path, path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.readlink(fd) in (str(path), f"{path} (deleted)")
+    return False
 
 
 def test_two_processes_share_one_cache_dir(tmp_path: Path) -> None:
