@@ -100,6 +100,28 @@ async def _cancel_while_queued() -> None:
     assert memfds(os.getpid()) == []
 
 
+def test_a_decoder_that_died_idle_costs_no_request() -> None:
+    """The decoders are the OOM killer's first pick (oom_score_adj 1000) even when idle: a decoder killed between
+    bodies must not fail the next body, which was never in it."""
+    try:
+        asyncio.run(_died_idle())
+    finally:
+        offload.shutdown()
+
+
+async def _died_idle() -> None:
+    with spooled() as warm:
+        await offload.infer_body(warm)
+    pool = offload._process_pool("large")
+    decoder = decoders(os.getpid())["l"]
+    os.kill(decoder, signal.SIGKILL)
+    until(lambda: bool(pool._broken), "the pool noticed its decoder died")  # type: ignore[attr-defined]
+    with spooled() as body:
+        parsed = await offload.infer_body(body)
+    np.testing.assert_array_equal(parsed.inputs[0].data.ravel(), np.arange(WIDE, dtype=np.float32))
+    assert decoders(os.getpid())["l"] != decoder
+
+
 # `serve` in a process that is not dumpable, as one running a python with file capabilities is (setcap, to bind
 # port 80 without root): its /proc/<pid>/fd is closed to its own children unless they hold CAP_SYS_PTRACE (root
 # here: dropped)

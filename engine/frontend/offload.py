@@ -112,17 +112,31 @@ async def infer_body(body: Spool) -> InferBody:
         future: Future[InferBody | None] | None = None
         try:
             if _by_path:
-                future = pool.submit(_parse_file, body.path)
+                pool, future = _submit(lane, pool, _parse_file, body.path)
                 if (parsed := await asyncio.wrap_future(future)) is not None:
                     return parsed
                 _refused(body.path)
-            return await _run(pool, parse_infer, body.read())  # the body itself, pickled
+            pool, copied = _submit(lane, pool, parse_infer, body.read())  # the body itself, pickled
+            return await asyncio.wrap_future(copied)
         except BrokenProcessPool:  # the worker died (killed, out of memory) in this body: a fresh one for the next
             _discard(lane, pool)
             raise _died() from None
         finally:
             if future is not None and not future.done():  # cancelled (shutdown) while the decoder has it
                 body.close_after(future)
+
+
+def _submit(
+    lane: str, pool: ProcessPoolExecutor, fn: Callable[..., T], *args: object
+) -> tuple[ProcessPoolExecutor, Future[T]]:
+    """pool.submit, on a fresh pool if this one is broken already: its decoder died idle (the OOM killer's first
+    pick), not in this body."""
+    try:
+        return pool, pool.submit(fn, *args)
+    except BrokenProcessPool:
+        _discard(lane, pool)
+        pool = _process_pool(lane)
+        return pool, pool.submit(fn, *args)
 
 
 def _died() -> ServingError:
