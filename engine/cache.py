@@ -59,6 +59,7 @@ class CacheFolder:
 
     path: Path
     sources: tuple[tuple[Path, StatKey], ...] = ()
+    fresh: tuple[tuple[Path, str], ...] = ()  # (file, digest) of those changed < RACY_NS before: hashed again after
 
 
 @dataclass(frozen=True)
@@ -155,31 +156,38 @@ class ModelCache:
         """sha256 of a file's bytes, memoised by (dev, inode, size, mtime, ctime): a rewrite always changes ctime."""
         return self._digest(path)[1]
 
-    def _digest(self, path: Path) -> tuple[StatKey, str]:
-        key = stat_key(path.stat())
+    def _digest(self, path: Path) -> tuple[StatKey, str, bool]:
+        """(stat identity, sha256, fresh): a fresh file's stat may miss a rewrite in the same tick, so its digest is
+        not memoised (it is taken again next time)."""
+        st = path.stat()
+        key = stat_key(st)
         with self._lock:
             found = self._digests.get(key)
         if found is not None:
-            return key, found
+            return key, found, False
         digest = _sha256(path)
-        with self._lock:
-            self._digests[key] = digest
-            self._save_index()
-        return key, digest
+        if _settled(st):
+            with self._lock:
+                self._digests[key] = digest
+                self._save_index()
+            return key, digest, False
+        return key, digest, True
 
     def dir_for(self, model_name: str, files: Sequence[Path], compile_key: str) -> CacheFolder:
         """The subfolder for this content, these compile options and this OpenVINO (created, marked as just used)."""
         h = hashlib.sha256(f"{ov.get_version()}\0{compile_key}".encode())
-        sources = []
+        sources, fresh = [], []
         for path in files:
-            key, digest = self._digest(path)
+            key, digest, is_fresh = self._digest(path)
             h.update(digest.encode())
             sources.append((path, key))
+            if is_fresh:
+                fresh.append((path, digest))
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
         folder = self.inside(self.root / safe / h.hexdigest()[:24])
         folder.mkdir(parents=True, exist_ok=True)
         os.utime(folder)
-        return CacheFolder(folder, tuple(sources))
+        return CacheFolder(folder, tuple(sources), tuple(fresh))
 
     def inside(self, path: Path) -> Path:
         """`path`, checked to be a strict descendant of the cache dir (model names are validated; this is the net)."""
@@ -242,7 +250,11 @@ def compile_model(
     try:
         with _held(cache_dir):
             _admit(cache_dir)
-            compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
+            try:
+                compiled = core.compile_model(_source(source), device, {**config, "CACHE_DIR": str(cache_dir)})
+            except RuntimeError as exc:
+                _clear(cache_dir, exc)  # under the lock: another server's fresh blob is not ours to remove later
+                raise _Uncached from None
             from_cache = _loaded_from_cache(compiled)
             if not from_cache:
                 dropped = False
@@ -253,16 +265,24 @@ def compile_model(
                 if not dropped and _exports(core, device):  # a plugin that cannot export never writes a blob
                     _check_blob_written(cache_dir)
             return compiled, from_cache
-    except RuntimeError as exc:
-        log.warning("Compiling with the cache in %s failed (%s); clearing it and compiling without", cache_dir,
-                    str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)  # fmt: skip
-        for blob in [*_blobs(cache_dir), cache_dir / MANIFEST]:  # not the lock: another process may wait on it
-            with contextlib.suppress(OSError):
-                blob.unlink()
+    except _Uncached:
+        pass
     except (OSError, TimeoutError) as exc:  # the folder gone (evicted, deleted), unreadable, or its lock held
         log.warning("Model cache folder %s not usable (%s); compiling without the cache", cache_dir, exc)
     compiled = core.compile_model(_source(source), device, dict(config))
     return compiled, False
+
+
+class _Uncached(Exception):
+    """Compiling with the cache failed (a blob OpenVINO choked on): the folder is cleared, compile without it."""
+
+
+def _clear(folder: Path, exc: RuntimeError) -> None:
+    log.warning("Compiling with the cache in %s failed (%s); clearing it and compiling without", folder,
+                str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)  # fmt: skip
+    for blob in [*_blobs(folder), folder / MANIFEST]:  # not the lock: another process may wait on it
+        with contextlib.suppress(OSError):
+            blob.unlink()
 
 
 # ---- the manifest: which blobs this server (or one sharing the dir) wrote whole ----
@@ -330,14 +350,21 @@ def _write_manifest(folder: Path, entries: Mapping[str, Mapping[str, object]]) -
     os.replace(tmp, folder / MANIFEST)
 
 
+def _settled(st: os.stat_result) -> bool:
+    """A stat taken just after a write may miss a second write in the same timestamp tick (git's racy clean)."""
+    return time.time_ns() - st.st_ctime_ns > RACY_NS
+
+
 def _entry(blob: Path, st: os.stat_result, digest: str) -> dict[str, object]:
-    """A stat taken just after a write may miss a second write in the same timestamp tick: then hash next time."""
-    settled = time.time_ns() - st.st_ctime_ns > RACY_NS
-    return {"sha256": digest, "stat": list(stat_key(st)) if settled else None}
+    """The blob's stat is recorded only once settled: until then the next admit hashes it."""
+    return {"sha256": digest, "stat": list(stat_key(st)) if _settled(st) else None}
 
 
 def _admit(folder: Path) -> None:
     """Remove every blob the manifest does not vouch for, before OpenVINO may import it."""
+    for tmp in folder.glob(f"{MANIFEST}.*"):  # a writer that died mid-write (writers hold the lock, as we do now)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     manifest = _read_manifest(folder)
     kept = {}
     for blob in _blobs(folder):
@@ -364,6 +391,7 @@ def _vouch(folder: CacheFolder) -> bool:
     hold the new bytes under the old content's folder, and would come back when the old bytes did). True when a
     model file had changed, so no blob is kept on purpose."""
     changed = [path for path, key in folder.sources if not _same(path, key)]
+    changed += [path for path, digest in folder.fresh if path not in changed and _rehash(path) != digest]
     manifest = _read_manifest(folder.path)
     for blob in _blobs(folder.path):
         if (entry := manifest.get(blob.name)) is not None and entry.get("stat") == list(stat_key(blob.stat())):
@@ -376,6 +404,13 @@ def _vouch(folder: CacheFolder) -> bool:
         manifest[blob.name] = _entry(blob, blob.stat(), _sha256(blob))
     _write_manifest(folder.path, manifest)
     return bool(changed)
+
+
+def _rehash(path: Path) -> str | None:
+    try:
+        return _sha256(path)
+    except OSError:
+        return None
 
 
 def _same(path: Path, key: StatKey) -> bool:
