@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from conftest import ROOT, ServerProcess, model_entry
 
 from engine import cache as cache_rules
+from engine import cache_manifest
 from engine.config import ModelConfig
 
 X = np.ones((1, 10), np.float32)
@@ -238,7 +239,7 @@ def test_a_blob_of_unknown_origin_is_removed_and_an_intact_copy_kept(tmp_path: P
     copy.replace(blob)
     kept = run_once(tmp_path, cache, model_entry("dummy", dummy))
     assert "loaded from cache: True" in kept.log and "Cache blob" not in kept.log
-    (blob.parent / cache_rules.MANIFEST).unlink()
+    (blob.parent / cache_manifest.MANIFEST).unlink()
     unknown = run_once(tmp_path, cache, model_entry("dummy", dummy))
     assert f"Cache blob {blob} was never recorded as complete; removed" in unknown.log
     assert "loaded from cache: False" in unknown.log
@@ -284,7 +285,8 @@ def test_a_rewrite_its_stat_cannot_show_still_leaves_no_blob(tmp_path: Path) -> 
     assert [path for path, _ in folder.fresh] == [xml, weights]  # written a moment ago
     assert not (tmp_path / "cache" / ".fingerprints.json").exists()  # so not memoised
     weights.write_bytes(np.full((1, 10), 5.0, np.float32).tobytes())
-    unseen = dataclasses.replace(folder, sources=tuple((p, cache_rules.stat_key(p.stat())) for p, _ in folder.sources))
+    now = tuple((p, cache_manifest.stat_key(p.stat())) for p, _ in folder.sources)
+    unseen = dataclasses.replace(folder, sources=now)
     compiled, _ = cache_rules.compile_model(ov.Core(), xml, "CPU", {}, unseen)
     np.testing.assert_allclose(compiled(X)[0], X + 5)
     assert not blobs(folder.path)
@@ -296,7 +298,7 @@ def test_a_manifest_left_half_written_is_cleared(tmp_path: Path, dummy: Path) ->
     cache = cache_rules.ModelCache(tmp_path / "cache")
     files = [dummy / "1" / "model.xml", dummy / "1" / "model.bin"]
     folder = cache.dir_for("dummy", files, "CPU")
-    left = folder.path / f"{cache_rules.MANIFEST}.4242.1"
+    left = folder.path / f"{cache_manifest.MANIFEST}.4242.1"
     left.write_text('{"half')
     cache_rules.compile_model(ov.Core(), files[0], "CPU", {}, folder)
     assert not left.exists() and len(blobs(folder.path)) == 1
@@ -308,10 +310,10 @@ def test_a_blob_another_server_is_writing_is_waited_for_not_removed(tmp_path: Pa
     cache = tmp_path / "cache"
     run_once(tmp_path, cache, model_entry("dummy", dummy))
     (blob,) = blobs(cache)
-    manifest = blob.parent / cache_rules.MANIFEST
+    manifest = blob.parent / cache_manifest.MANIFEST
     recorded = manifest.read_bytes()
     config = tmp_path / "models.json"
-    with open(blob.parent / cache_rules.LOCK, "a") as lock:
+    with open(blob.parent / cache_manifest.LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest.unlink()  # the blob is written, not yet recorded
         server = ServerProcess(["--config_path", str(config), "--port", "0", "--cache_dir", str(cache)],
@@ -358,10 +360,10 @@ def test_eviction_skips_a_folder_another_compile_holds(tmp_path: Path) -> None:
         folders.append(folder := cache.dir_for(name, [xml, xml.with_suffix(".bin")], "CPU"))
         cache_rules.compile_model(ov.Core(), xml, "CPU", {}, folder)
     old, new = (f.path for f in folders)
-    with open(old / cache_rules.LOCK, "a") as lock:
+    with open(old / cache_manifest.LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a compile in that folder has it
         cache.enforce_limit(keep=new)
-        assert blobs(old) and (old / cache_rules.LOCK).exists()
+        assert blobs(old) and (old / cache_manifest.LOCK).exists()
     cache.enforce_limit(keep=new)
     assert not old.exists() and blobs(new)
 
@@ -374,7 +376,7 @@ def test_a_lock_replaced_while_waited_for_is_not_taken_for_the_folders(
     xml = modelgen.add_const(tmp_path / "m" / "1")
     cache = cache_rules.ModelCache(tmp_path / "cache")
     folder = cache.dir_for("m", [xml, xml.with_suffix(".bin")], "CPU")
-    path = folder.path / cache_rules.LOCK
+    path = folder.path / cache_manifest.LOCK
     result: list[tuple[ov.CompiledModel, bool]] = []
     with open(path, "a") as lock, caplog.at_level(logging.WARNING, "hotserve.modelmanager"):
         fcntl.flock(lock, fcntl.LOCK_EX)

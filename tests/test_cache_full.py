@@ -14,6 +14,7 @@ import pytest
 from conftest import model_entry
 
 from engine import cache as cache_rules
+from engine import cache_manifest
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_a_full_disk_does_not_cost_a_blob_already_there(
     with open(tiny_disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
         while True:
             filler.write(bytes(1 << 16))
-    monkeypatch.setattr(cache_rules, "RACY_NS", 0)  # as on a restart 2 s later: the blob's stat has settled
+    monkeypatch.setattr(cache_manifest, "RACY_NS", 0)  # as on a restart 2 s later: the blob's stat has settled
     compiled, from_cache = cache_rules.compile_model(ov.Core(), xml, "CPU", {}, folder)
     assert from_cache
     np.testing.assert_allclose(compiled(np.zeros((1, 1000), np.float32))[0], np.ones((1, 1000)))
