@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import modelgen
 import numpy as np
@@ -25,6 +26,7 @@ from harness import free_port
 from engine.frontend.rest import SPOOLED_BODIES
 
 LIMIT_MB = 16
+T = TypeVar("T")
 WIDE = 300_000  # FP32 values: a JSON body of ~2 MB, past the 1 MiB inline bound
 
 
@@ -180,3 +182,22 @@ def slots_filled(env: Env, values: np.ndarray) -> Iterator[None]:
         os.kill(decoder, signal.SIGCONT)
     rest.join(60)
     all_answered(socks, values)
+
+
+def answered_meanwhile(env: Env, lane: str, send: Callable[[], T], spooled: int, size: int) -> list[T]:
+    """`lane`'s decoder held stopped while `send()` runs in a thread: once its body (`spooled` bytes) waits in a
+    memory file, a request of `size` values is answered and `send` is not; then the decoder goes on. `send`'s
+    result, once it is done."""
+    decoder = decoders(env.pid)[lane]
+    done: list[T] = []
+    os.kill(decoder, signal.SIGSTOP)
+    try:
+        sender = threading.Thread(target=lambda: done.append(send()))
+        sender.start()
+        until(lambda: spooled_sizes(env.pid) == [spooled], f"the body waiting for the {lane} decoder")
+        check_answer(env, size=size)
+        assert not done
+    finally:
+        os.kill(decoder, signal.SIGCONT)
+    sender.join(60)
+    return done

@@ -30,6 +30,7 @@ from rest_env import (
     LIMIT_MB,
     WIDE,
     Env,
+    answered_meanwhile,
     body_for,
     check_answer,
     decoders,
@@ -126,21 +127,9 @@ def test_a_decoder_killed_mid_request_fails_that_request_alone(env: Env) -> None
 def test_a_medium_body_is_parsed_off_the_loop(env: Env) -> None:
     """A 20 KB body waits for the decoder process (held stopped) while a small one is answered on the loop."""
     check_answer(env, size=3000)
-    decoder = decoders(env.pid)["s"]
     medium = np.arange(3000, dtype=np.float32)  # ~20 KB of JSON: past the 16 KiB inline bound, far below 1 MiB
     body = body_for(medium)
-    done: list[tuple[int, dict]] = []
-    os.kill(decoder, signal.SIGSTOP)
-    try:
-        sender = threading.Thread(target=lambda: done.append(post(env, body)))
-        sender.start()
-        until(lambda: spooled_sizes(env.pid) == [len(body)], "the medium body handed to the decoder")
-        check_answer(env, size=10)  # parsed inline meanwhile
-        assert not done
-    finally:
-        os.kill(decoder, signal.SIGCONT)
-    sender.join(60)
-    ((status, answer),) = done
+    ((status, answer),) = answered_meanwhile(env, "s", lambda: post(env, body), len(body), size=10)  # inline
     assert status == 200, answer
     np.testing.assert_allclose(answer["outputs"][0]["data"], medium + 1)
 
@@ -159,19 +148,8 @@ def test_a_medium_body_does_not_wait_behind_a_large_one(env: Env) -> None:
     """The large bodies' decoder is held stopped with a body on it; a 20 KB body is answered by the other decoder."""
     check_answer(env)
     check_answer(env, size=3000)
-    large = decoders(env.pid)["l"]
     body = body_for(np.zeros(WIDE, dtype=np.float32))
-    done: list[tuple[int, dict]] = []
-    os.kill(large, signal.SIGSTOP)
-    try:
-        sender = threading.Thread(target=lambda: done.append(post(env, body)))
-        sender.start()
-        until(lambda: spooled_sizes(env.pid) == [len(body)], "the large body handed to its decoder")
-        check_answer(env, size=3000)
-        assert not done
-    finally:
-        os.kill(large, signal.SIGCONT)
-    sender.join(60)
+    done = answered_meanwhile(env, "l", lambda: post(env, body), len(body), size=3000)
     assert done and done[0][0] == 200, done
 
 
@@ -238,29 +216,17 @@ def test_a_compressed_body_is_judged_by_what_it_expands_to(env: Env) -> None:
     """aiohttp inflates gzip bodies: a few KB on the wire that expand to MBs of JSON must be spooled and parsed by
     the large bodies' decoder (held stopped here), not parsed on the loop by their Content-Length."""
     check_answer(env)
-    decoder = decoders(env.pid)["l"]
     values = np.zeros(WIDE, dtype=np.float32)
     raw = body_for(values)
     packed = gzip.compress(raw)
     assert len(packed) < 16 << 10 <= (1 << 20) <= len(raw)
     url = f"http://127.0.0.1:{env.port}/v2/models/wide/infer"
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
-    done: list[int] = []
 
-    def send() -> None:
+    def send() -> int:
         request = urllib.request.Request(url, data=packed, method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=60) as response:
             np.testing.assert_allclose(json.loads(response.read())["outputs"][0]["data"], values + 1)
-            done.append(response.status)
+            return int(response.status)
 
-    os.kill(decoder, signal.SIGSTOP)
-    try:
-        sender = threading.Thread(target=send)
-        sender.start()
-        until(lambda: spooled_sizes(env.pid) == [len(raw)], "the inflated body spooled for the large decoder")
-        check_answer(env, size=10)
-        assert not done
-    finally:
-        os.kill(decoder, signal.SIGCONT)
-    sender.join(60)
-    assert done == [200]
+    assert answered_meanwhile(env, "l", send, len(raw), size=10) == [200]  # spooled at its inflated size
