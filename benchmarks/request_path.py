@@ -8,6 +8,8 @@ before serving) answering with a canned reply from that point on:
     handler   + the KServe handler (decode into tensors, version, route key, the reply built): DataPlane.infer canned
     plane     + the data plane (lease, validate, statistics, metrics, the idle infer request): OpenVINO's run canned
     full      + OpenVINO's inference and the outputs copied out
+    unary     the full server with its unary methods registered as grpc.aio unary ones, not read under
+              --grpc_receive_timeout_seconds (frontend/receive.py): its step is minus what that limit costs
 
 The step from one row to the next is what that stage costs per request in server CPU (all threads, /proc), so a
 profile by subtraction that no sampler distorts. h2load (C++), one connection, C streams; best of --rounds.
@@ -33,13 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CUTS = ("parse", "handler", "plane", "full")
+CUTS = ("parse", "handler", "plane", "full", "unary")
 
 
 def serve(cut: str, argv: list[str]) -> int:
     """This process becomes hotserve with the request path cut at `cut`."""
     from engine import cli, served
-    from engine.frontend import dataplane, kserve
+    from engine.frontend import dataplane, kserve, registration
     from engine.frontend.generated.inference import grpc_service_pb2 as pb
     from engine.frontend.tensor import Tensor
 
@@ -63,6 +65,8 @@ def serve(cut: str, argv: list[str]) -> int:
         dataplane.DataPlane.infer = canned_plane  # type: ignore[method-assign]
     elif cut == "plane":
         served.ServedVersion.infer = canned_run  # type: ignore[method-assign]
+    elif cut == "unary":
+        registration.bounded = lambda method, handler, deadlines: handler  # type: ignore[assignment]
     return cli.main(["serve", *argv])
 
 

@@ -39,6 +39,9 @@ def _serve_parser() -> Parser:
     p.add_argument("--rest_body_timeout_seconds", type=float, default=30.0,
                    help="REST: refuse a body (408) that sends no bytes for this long, or under 64 KiB/s after it "
                         "(default 30)")  # fmt: skip
+    p.add_argument("--grpc_receive_timeout_seconds", type=float, default=120.0,
+                   help="gRPC: end a unary call (DEADLINE_EXCEEDED) whose request message is not all there this long "
+                        "after its headers (default 120)")  # fmt: skip
     p.add_argument("--tls_cert", type=Path, help="PEM certificate (chain): TLS on both ports; needs --tls_key")
     p.add_argument("--tls_key", type=Path, help="PEM private key of --tls_cert (unencrypted)")
     p.add_argument("--tls_client_ca", type=Path, help="PEM CA: clients must present a certificate it signed (mTLS)")
@@ -76,6 +79,8 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         raise UsageError("--max_request_mb must be between 1 and 2047")
     if not 0 < args.rest_body_timeout_seconds <= 3600:
         raise UsageError("--rest_body_timeout_seconds must be more than 0 and at most 3600")
+    if not 0 < args.grpc_receive_timeout_seconds <= 3600:
+        raise UsageError("--grpc_receive_timeout_seconds must be more than 0 and at most 3600")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls_cert and --tls_key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -138,6 +143,7 @@ def _settings(argv: Sequence[str]):  # type: ignore[no-untyped-def]
         drain_seconds=args.drain_seconds,
         max_request_mb=args.max_request_mb,
         rest_body_timeout_seconds=args.rest_body_timeout_seconds,
+        grpc_receive_timeout_seconds=args.grpc_receive_timeout_seconds,
         tls=tls,
     )
 

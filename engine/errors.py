@@ -37,6 +37,7 @@ class Code(Enum):
     INTERNAL_ERROR = ("Internal server error", "INTERNAL", 500)
     REQUEST_TOO_LARGE = ("Request is larger than --max_request_mb", "RESOURCE_EXHAUSTED", 413)
     BODY_TIMEOUT = ("Request body stalled past --rest_body_timeout_seconds", "DEADLINE_EXCEEDED", 408)
+    MESSAGE_TIMEOUT = ("Request message not received within --grpc_receive_timeout_seconds", "DEADLINE_EXCEEDED", 408)
     SHUTTING_DOWN = ("Server is shutting down", "UNAVAILABLE", 503)
     QUEUE_FULL = ("The model's batching queue is full", "RESOURCE_EXHAUSTED", 429)
 

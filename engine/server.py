@@ -113,7 +113,8 @@ class Server:
         self.watcher.start(self.supervisor)
 
     def _register_services(self, server: grpc.aio.Server) -> None:
-        registrar = GenericOnly(server)  # KServe first: generic handlers are tried in the order they came
+        # KServe first: generic handlers are tried in the order they came
+        registrar = GenericOnly(server, self.settings.grpc_receive_timeout_seconds)
         services = [kserve.register(registrar, self.plane, self.streams), *tfs.register(registrar, self.plane)]
         services.append(self.health.register(registrar))
         enable_reflection(registrar, services)

@@ -45,6 +45,7 @@ class Settings:
     drain_seconds: float = DRAIN_SECONDS
     max_request_mb: int = 256
     rest_body_timeout_seconds: float = 30.0
+    grpc_receive_timeout_seconds: float = 120.0
     tls: TlsFiles | None = None
 
 

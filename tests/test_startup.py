@@ -58,11 +58,12 @@ def test_grpc_workers_outside_one_to_the_core_count_is_refused(tmp_path: Path, c
     assert done.returncode == 64 and "grpc_workers count should be from 1 to CPU core count" in done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--rest_body_timeout_seconds", "--grpc_receive_timeout_seconds"])
 @pytest.mark.parametrize("seconds", ["0", "-1", "3601", "nan"])
-def test_a_rest_body_timeout_outside_its_range_is_refused(tmp_path: Path, seconds: str) -> None:
+def test_a_receive_timeout_outside_its_range_is_refused(tmp_path: Path, flag: str, seconds: str) -> None:
     argv = [sys.executable, "-m", "engine", "serve", "--model_name", "m", "--model_path", str(tmp_path)]
-    done = subprocess.run([*argv, "--rest_body_timeout_seconds", seconds], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 64 and "--rest_body_timeout_seconds must be more than 0" in done.stderr, done.stderr
+    done = subprocess.run([*argv, flag, seconds], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 64 and f"{flag} must be more than 0 and at most 3600" in done.stderr, done.stderr
 
 
 def test_config_warnings_reach_the_log(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]

@@ -97,7 +97,7 @@ async def _scenario(name: str, root: Path) -> dict[str, Any]:
     old = env.served("m", 1)
     streams = stream.Streams()
     server = grpc.aio.server()
-    kserve.register(GenericOnly(server), env.plane, streams)
+    kserve.register(GenericOnly(server, 120.0), env.plane, streams)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     seen: dict[str, Any] = {}
@@ -164,7 +164,7 @@ async def _route(env: Any) -> dict[str, Any]:
     assert (await env.reload()).ok
     routes = env.registry.models["m"].routes
     server = grpc.aio.server()
-    kserve.register(GenericOnly(server), env.plane, stream.Streams())
+    kserve.register(GenericOnly(server, 120.0), env.plane, stream.Streams())
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     seen: dict[str, Any] = {}

@@ -1,0 +1,99 @@
+"""A unary gRPC call whose request message never completes is ended after --grpc_receive_timeout_seconds (issue 10):
+C-core would otherwise hold the part that came for as long as the client keeps the connection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import modelgen
+import numpy as np
+import pytest
+from conftest import model_entry, triton
+from raw_h2 import RawGrpc, frame
+from tritonclient.grpc import InferInput
+
+from engine.frontend.generated.tensorflow_serving.apis import predict_pb2
+
+UNARY = [
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/tensorflow.serving.PredictionService/Predict",
+    "/tensorflow.serving.ModelService/GetModelStatus",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",  # unary request, streamed replies
+]
+
+
+@pytest.fixture
+def server(tmp_path: Path, serve):  # type: ignore[no-untyped-def]
+    modelgen.add_const(tmp_path / "m" / "1", delta=1.0)
+    config = {"model_config_list": [model_entry("m", tmp_path / "m")]}
+    return serve(config, "--grpc_receive_timeout_seconds", "1", "--file_system_poll_wait_seconds", "0")
+
+
+def good_infer(address: str) -> None:
+    client = triton(address)
+    x = InferInput("b", [1, 10], "FP32")
+    x.set_data_from_numpy(np.ones((1, 10), np.float32))
+    out = client.infer("m", [x]).as_numpy("a")
+    np.testing.assert_array_equal(out, np.full((1, 10), 2.0, np.float32))
+    client.close()
+
+
+def test_a_request_message_that_never_completes_ends_the_call_and_nothing_else(server) -> None:  # type: ignore[no-untyped-def]
+    start = len(server.log)
+    raw = RawGrpc(server.address)
+    stalled = {method: raw.start(method) for method in UNARY}
+    for stream in stalled.values():
+        raw.send(stream, frame(b"\0" * 1000, claimed=1 << 20))  # 1 MiB announced, 1000 bytes sent, then nothing
+    good_infer(server.address)  # served while they hang
+    for method, stream in stalled.items():
+        ended = raw.wait(stream)
+        assert ended.status == 4, (method, ended.headers)  # DEADLINE_EXCEEDED
+        assert ended.message == (
+            "Request message not received within --grpc_receive_timeout_seconds - 1 s since the call's headers"
+        ), method
+    # the connection itself goes on: a whole message on it is answered
+    live = raw.start("/inference.GRPCInferenceService/ServerLive")
+    raw.send(live, frame(b""), end=True)
+    assert raw.wait(live).status == 0
+    raw.close()
+    good_infer(server.address)
+    log = server.log[start:]
+    rejected = 'Rejected /inference.GRPCInferenceService/ModelInfer request for model "": Request message not received'
+    assert rejected in log, log
+    assert "Traceback" not in log, log
+
+
+def test_a_message_in_pieces_within_the_time_is_answered(server) -> None:  # type: ignore[no-untyped-def]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["b"].CopyFrom(_tensor_proto())
+    body = frame(request.SerializeToString())
+    raw = RawGrpc(server.address)
+    stream = raw.start("/tensorflow.serving.PredictionService/Predict")
+    raw.send(stream, body[:7])  # the prefix and two bytes: the call has begun, the message has not come
+    raw.send(stream, body[7:], end=True)
+    ended = raw.wait(stream)
+    assert ended.status == 0, ended.headers
+    reply = predict_pb2.PredictResponse.FromString(ended.data[5:])
+    out = reply.outputs["a"]
+    assert np.frombuffer(out.tensor_content, np.float32).tolist() == [2.0] * 10, out
+    raw.close()
+
+
+def test_a_unary_call_with_no_message_is_refused(server) -> None:  # type: ignore[no-untyped-def]
+    raw = RawGrpc(server.address)
+    stream = raw.start("/inference.GRPCInferenceService/ModelInfer")
+    raw.send(stream, b"", end=True)
+    ended = raw.wait(stream)
+    assert (ended.status, ended.message) == (13, "the call ended without its request message")  # INTERNAL
+    raw.close()
+    good_infer(server.address)
+
+
+def _tensor_proto():  # type: ignore[no-untyped-def]
+    from engine.frontend.generated.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in (1, 10)])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=[1.0] * 10)
