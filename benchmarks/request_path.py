@@ -15,7 +15,7 @@ The step from one row to the next is what that stage costs per request in server
 profile by subtraction that no sampler distorts. h2load (C++), one connection, C streams; best of --rounds.
 Writes benchmarks/results/request_path.json.
 
-    .venv/bin/python benchmarks/request_path.py [--seconds 3] [--rounds 5] [--concurrency 1 16]
+    .venv/bin/python benchmarks/request_path.py [--seconds 3] [--rounds 5] [--concurrency 1 16] [--cuts full unary]
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--cuts", nargs="+", choices=CUTS, default=list(CUTS), help="the servers to run (and bare)")
     args = parser.parse_args()
     exe = gl.ensure_h2load()
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +97,7 @@ def main() -> None:
         bare = subprocess.Popen([sys.executable, str(Path(__file__).parent / "bare_grpc.py"), str(port_file)])
         rows: list[dict[str, Any]] = []
         try:
-            for cut in CUTS:
+            for cut in args.cuts:
                 program = [sys.executable, str(Path(__file__).resolve()), "--serve", cut]
                 server = ServerProcess(
                     ["--config_path", str(config), "--port", "0"], root / f"{cut}.log", program=program
