@@ -101,11 +101,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        modelgen.add_const(root / "tiny" / "1")
-        config = root / "models.json"
-        config.write_text(
-            json.dumps({"model_config_list": [{"config": {"name": "tiny", "base_path": str(root / "tiny")}}]})
-        )
+        config = modelgen.const_config(root)
         argv = ["--config_path", str(config), "--port", "0", "--file_system_poll_wait_seconds", "0",
                 "--grpc_receive_timeout_seconds", f"{args.timeout:g}"]  # fmt: skip
         servers = {

@@ -84,11 +84,7 @@ def main() -> None:
     exe = gl.ensure_h2load()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        modelgen.add_const(root / "tiny" / "1")
-        config = root / "models.json"
-        config.write_text(
-            json.dumps({"model_config_list": [{"config": {"name": "tiny", "base_path": str(root / "tiny")}}]})
-        )
+        config = modelgen.const_config(root)
         body = gl.request_bytes("tiny", "b", np.arange(10, dtype=np.float32).reshape(1, 10))
         frame = root / "tiny.grpc"
         frame.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)

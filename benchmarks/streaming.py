@@ -38,11 +38,7 @@ def main() -> None:
     runs: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in CASES}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        modelgen.add_const(tmp / "dummy" / "1")
-        config = tmp / "models.json"
-        config.write_text(
-            json.dumps({"model_config_list": [{"config": {"name": "dummy", "base_path": str(tmp / "dummy")}}]})
-        )
+        config = modelgen.const_config(tmp, "dummy")
         server = ServerProcess(["--config_path", str(config), "--port", "0"], tmp / "server.log").wait_ready()
         try:
             for order in [CASES] if args.quick else [CASES, CASES[::-1], CASES]:

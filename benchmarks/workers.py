@@ -107,10 +107,7 @@ def main() -> None:
     servers: dict[int, ServerProcess] = {}
     bares: list[subprocess.Popen[bytes]] = []
     try:
-        modelgen.add_const(root / "tiny" / "1")
-        config = root / "models.json"
-        entry = {"config": {"name": "tiny", "base_path": str(root / "tiny")}}
-        config.write_text(json.dumps({"model_config_list": [entry]}))
+        config = modelgen.const_config(root)
         body = request_bytes("tiny", "b", np.zeros((1, 10), np.float32))
         frame = root / "tiny.grpc"
         frame.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)

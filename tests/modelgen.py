@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,14 @@ def add_const(
     out = ops.add(param, const)
     out.output(0).get_tensor().set_names({output_name})
     return _save(ov.Model([out], [param], "dummy"), folder)
+
+
+def const_config(root: Path, name: str = "tiny") -> Path:
+    """`root/name/1` an add_const model and `root/models.json` serving it alone: the config file's path."""
+    add_const(root / name / "1")
+    config = root / "models.json"
+    config.write_text(json.dumps({"model_config_list": [{"config": {"name": name, "base_path": str(root / name)}}]}))
+    return config
 
 
 def two_inputs(folder: Path, shape: tuple[int, ...] = (1, 4)) -> Path:
