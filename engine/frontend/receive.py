@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -47,12 +47,12 @@ class Deadlines:
                 raise  # the client went, or the server is stopping
             late = ServingError(Code.MESSAGE_TIMEOUT, f"{self.seconds:g} s since the call's headers")
             client_errors.report(method, "", late)  # the model is named in the message that never came
-            await context.abort(grpc.StatusCode[late.code.grpc_code], str(late))
+            await _abort(context, grpc.StatusCode[late.code.grpc_code], str(late))
         finally:
             self._started.pop(task, None)
             self._late.discard(task)
-        if request is grpc.aio.EOF:  # half-closed with no message: a unary method has nothing to answer
-            await context.abort(grpc.StatusCode.INTERNAL, "the call ended without its request message")
+        if request is grpc.aio.EOF:  # half-closed with no message, or a call C-core ended (a message it refused)
+            await _abort(context, grpc.StatusCode.INTERNAL, "the call ended without its request message")
         return request
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -65,6 +65,16 @@ class Deadlines:
             del self._started[task]
             self._late.add(task)
             task.cancel()
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """context.abort; if C-core had ended the call itself (with its own status), ended as a call the client
+    cancelled is: grpc.aio would log the failed send with a traceback, once per such call."""
+    try:
+        await context.abort(code, details)
+    except grpc.aio.InternalError:  # ExecuteBatchError: the status was not sent, the call is over
+        raise asyncio.CancelledError from None
+    raise AssertionError("unreachable")  # context.abort always raises
 
 
 def bounded(method: str, handler: grpc.RpcMethodHandler, deadlines: Deadlines) -> grpc.RpcMethodHandler:
