@@ -10,6 +10,7 @@ behaviour starts at the call's headers, reads the one message under a time limit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
@@ -28,29 +29,23 @@ class Deadlines:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._started: dict[asyncio.Task[Any], float] = {}  # in the order the calls began
-        self._late: set[asyncio.Task[Any]] = set()
+        self._started: dict[grpc.aio.ServicerContext, tuple[float, str]] = {}  # in the order the calls began
+        self._late: set[grpc.aio.ServicerContext] = set()  # past their time, their abort not yet begun
+        self._aborts: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._timer: asyncio.TimerHandle | None = None
 
     async def read(self, method: str, context: grpc.aio.ServicerContext) -> object:
         """The call's one request message, or the call aborted with MESSAGE_TIMEOUT (or INTERNAL: no message)."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._started[task] = loop.time()
+        self._started[context] = (loop.time(), method)
         if self._timer is None:
             self._timer = loop.call_at(loop.time() + self.seconds, self._expire, loop)
         try:
-            request = await context.read()
-        except asyncio.CancelledError:
-            if task not in self._late or task.uncancel() > 0:
-                raise  # the client went, or the server is stopping
-            late = ServingError(Code.MESSAGE_TIMEOUT, f"{self.seconds:g} s since the call's headers")
-            client_errors.report(method, "", late)  # the model is named in the message that never came
-            await _abort(context, grpc.StatusCode[late.code.grpc_code], str(late))
+            # never cancelled: a message C-core completes as the time runs out is freed only once this read has it
+            request = await context.read()  # raises the abort's AbortError once _abort_late has ended the call
         finally:
-            self._started.pop(task, None)
-            self._late.discard(task)
+            self._started.pop(context, None)
+            self._late.discard(context)
         if request is grpc.aio.EOF:  # half-closed with no message, or a call C-core ended (a message it refused)
             await _abort(context, grpc.StatusCode.INTERNAL, "the call ended without its request message")
         return request
@@ -58,13 +53,25 @@ class Deadlines:
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         limit = loop.time() - self.seconds
-        for task, started in list(self._started.items()):
+        for context, (started, method) in list(self._started.items()):
             if started > limit:
                 self._timer = loop.call_at(started + self.seconds, self._expire, loop)
                 return
-            del self._started[task]
-            self._late.add(task)
-            task.cancel()
+            del self._started[context]
+            self._late.add(context)
+            task = loop.create_task(self._abort_late(method, context))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
+
+    async def _abort_late(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """From its own task, so the call's read is left to end when C-core ends the call."""
+        if context not in self._late:
+            return  # the message came in the loop step the time ran out in: it is answered
+        self._late.discard(context)
+        late = ServingError(Code.MESSAGE_TIMEOUT, f"{self.seconds:g} s since the call's headers")
+        client_errors.report(method, "", late)  # the model is named in the message that never came
+        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.InternalError):  # sent; or the call had ended
+            await context.abort(grpc.StatusCode[late.code.grpc_code], str(late))
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
