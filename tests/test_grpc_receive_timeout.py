@@ -68,6 +68,23 @@ def test_a_request_message_that_never_completes_ends_the_call_and_nothing_else(s
     assert "Traceback" not in log, log
 
 
+def test_a_call_is_ended_on_its_own_time_whenever_it_began(server) -> None:  # type: ignore[no-untyped-def]
+    """One timer serves every waiting call: it must re-arm for a later call when the call it was set for is gone
+    (answered meanwhile), and arm again once it has gone idle."""
+    raw = RawGrpc(server.address)
+    gone = raw.start("/inference.GRPCInferenceService/ServerLive")  # the timer is set for this call's time
+    time.sleep(0.5)  # not a wait for anything: `later` begins half the limit after, past any slack of that timer
+    later = raw.start("/inference.GRPCInferenceService/ModelInfer")
+    raw.send(later, frame(b"\0" * 1000, claimed=1 << 20))
+    raw.send(gone, frame(b""), end=True)
+    assert raw.wait(gone).status == 0
+    assert raw.wait(later).status == 4  # DEADLINE_EXCEEDED: the timer fired for `gone`, found it answered, re-armed
+    idle = raw.start("/inference.GRPCInferenceService/ModelInfer")  # nothing waits: the timer must be set anew
+    raw.send(idle, frame(b"\0" * 1000, claimed=1 << 20))
+    assert raw.wait(idle).status == 4
+    raw.close()
+
+
 def test_a_message_in_pieces_within_the_time_is_answered(server) -> None:  # type: ignore[no-untyped-def]
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "m"
