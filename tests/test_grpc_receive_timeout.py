@@ -3,9 +3,11 @@ C-core would otherwise hold the part that came for as long as the client keeps t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
+import tracemalloc
 from pathlib import Path
 
 import modelgen
@@ -83,6 +85,29 @@ def test_a_call_is_ended_on_its_own_time_whenever_it_began(server) -> None:  # t
     raw.send(idle, frame(b"\0" * 1000, claimed=1 << 20))
     assert raw.wait(idle).status == 4
     raw.close()
+
+
+def test_the_timer_does_no_work_for_the_calls_still_in_time() -> None:
+    """The timer fires once per distinct deadline; if each firing walked every waiting call, a client that keeps
+    N calls waiting (HEADERS frames, a few bytes each) would buy O(N) loop work per call it lets expire (measured:
+    11 000 waiting, 6.6 ms a firing, 15.6 s of the loop in 20 s). Allocation stands in for work: no timing."""
+    from engine.frontend.receive import Deadlines
+
+    async def fire() -> int:
+        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(60.0)
+        now = loop.time()
+        for i in range(100_000):
+            deadlines._started[object()] = (now + i * 1e-3, "/m")  # waiting, none due: the keys are never touched
+        tracemalloc.start()
+        deadlines._expire(loop)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert deadlines._timer is not None and not deadlines._late
+        deadlines._timer.cancel()
+        return peak
+
+    assert asyncio.run(fire()) < 64 << 10  # a copy of the waiting calls' table would be ~7 MB
 
 
 def test_a_message_in_pieces_within_the_time_is_answered(server) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
@@ -29,7 +30,8 @@ class Deadlines:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._started: dict[grpc.aio.ServicerContext, tuple[float, str]] = {}  # in the order the calls began
+        # in the order the calls began; an OrderedDict finds its first entry in O(1) however many went before it
+        self._started: OrderedDict[grpc.aio.ServicerContext, tuple[float, str]] = OrderedDict()
         self._late: set[grpc.aio.ServicerContext] = set()  # past their time, their abort not yet begun
         self._aborts: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._timer: asyncio.TimerHandle | None = None
@@ -53,7 +55,8 @@ class Deadlines:
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         limit = loop.time() - self.seconds
-        for context, (started, method) in list(self._started.items()):
+        while self._started:  # from the oldest, and no further than the first call still in time
+            context, (started, method) = next(iter(self._started.items()))
             if started > limit:
                 self._timer = loop.call_at(started + self.seconds, self._expire, loop)
                 return
