@@ -70,6 +70,21 @@ def test_a_request_message_that_never_completes_ends_the_call_and_nothing_else(s
     assert "Traceback" not in log, log
 
 
+def test_grpc_workers_keep_the_limit(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    """--grpc_workers N: each worker process serves with the supervisor's settings, the limit among them."""
+    modelgen.add_const(tmp_path / "m" / "1", delta=1.0)
+    config = {"model_config_list": [model_entry("m", tmp_path / "m")]}
+    fleet = serve(config, "--grpc_workers", "2", "--grpc_receive_timeout_seconds", "1")
+    raws = [RawGrpc(fleet.address) for _ in range(4)]  # the kernel spreads connections over the workers
+    stalled = [(raw, raw.start("/inference.GRPCInferenceService/ModelInfer")) for raw in raws]
+    for raw, stream in stalled:
+        raw.send(stream, frame(b"\0" * 1000, claimed=1 << 20))
+    for raw, stream in stalled:
+        assert raw.wait(stream).status == 4  # DEADLINE_EXCEEDED
+        raw.close()
+    good_infer(fleet.address)
+
+
 def test_a_call_is_ended_on_its_own_time_whenever_it_began(server) -> None:  # type: ignore[no-untyped-def]
     """One timer serves every waiting call: it must re-arm for a later call when the call it was set for is gone
     (answered meanwhile), and arm again once it has gone idle."""
