@@ -8,8 +8,10 @@ import os
 import signal
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import modelgen
 import numpy as np
 import pytest
@@ -100,6 +102,48 @@ def test_a_call_is_ended_on_its_own_time_whenever_it_began(server) -> None:  # t
     raw.send(idle, frame(b"\0" * 1000, claimed=1 << 20))
     assert raw.wait(idle).status == 4
     raw.close()
+
+
+def test_an_ended_call_leaves_nothing_behind() -> None:
+    """In process: the abort comes from a task of its own and the call's read is never cancelled, so the read must
+    still end when C-core ends the call; else each expired call would keep its task and grpc.aio's call for good."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    from engine.frontend.health import _Servicer
+    from engine.frontend.receive import Deadlines
+    from engine.frontend.registration import GenericOnly
+
+    def calls() -> int:  # grpc.aio's task of each call (named after the method)
+        return sum(task.get_name().startswith("HandleExceptions[") for task in asyncio.all_tasks())
+
+    async def until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> tuple[int, list[int], int, tuple[int, int, int]]:
+        server = grpc.aio.server()
+        deadlines = Deadlines(0.5)
+        health_pb2_grpc.add_HealthServicer_to_server(_Servicer(), GenericOnly(server, deadlines))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        raw = RawGrpc(f"127.0.0.1:{port}")
+        streams = [raw.start("/grpc.health.v1.Health/Check") for _ in range(50)]
+        for stream in streams:
+            raw.send(stream, frame(b"\0" * 10, claimed=100))
+        await until(lambda: calls() == 50)
+        waiting = calls()
+        statuses = await asyncio.to_thread(lambda: [raw.wait(stream).status for stream in streams])
+        raw.close()
+        await until(lambda: calls() == 0 and not deadlines._aborts)  # the aborts' own batches end too
+        state = (len(deadlines._started), len(deadlines._late), len(deadlines._aborts))
+        left = calls()
+        await server.stop(None)
+        return waiting, statuses, left, state
+
+    waiting, statuses, left, state = asyncio.run(scenario())
+    assert waiting == 50 and statuses == [4] * 50, (waiting, statuses)  # 50 calls waited, each DEADLINE_EXCEEDED
+    assert left == 0 and state == (0, 0, 0), (left, state)
 
 
 def test_the_timer_does_no_work_for_the_calls_still_in_time() -> None:
