@@ -96,6 +96,7 @@ class RawGrpc:
         self.sock.sendall(self.conn.data_to_send())
 
 
-def frame(message: bytes, claimed: int | None = None) -> bytes:
-    """A gRPC length-prefixed message; `claimed` lengths other than len(message) announce bytes that never come."""
-    return struct.pack(">BI", 0, len(message) if claimed is None else claimed) + message
+def frame(message: bytes, claimed: int | None = None, compressed: bool = False) -> bytes:
+    """A gRPC length-prefixed message; `claimed` lengths other than len(message) announce bytes that never come;
+    `compressed` sets the flag a call without grpc-encoding may not set (C-core itself ends the call)."""
+    return struct.pack(">BI", int(compressed), len(message) if claimed is None else claimed) + message

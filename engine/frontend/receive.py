@@ -10,9 +10,11 @@ behaviour starts at the call's headers, reads the one message under a time limit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -28,43 +30,61 @@ class Deadlines:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._started: dict[asyncio.Task[Any], float] = {}  # in the order the calls began
-        self._late: set[asyncio.Task[Any]] = set()
+        # in the order the calls began; an OrderedDict finds its first entry in O(1) however many went before it
+        self._started: OrderedDict[grpc.aio.ServicerContext, tuple[float, str]] = OrderedDict()
+        self._late: set[grpc.aio.ServicerContext] = set()  # past their time, their abort not yet begun
+        self._aborts: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
         self._timer: asyncio.TimerHandle | None = None
 
     async def read(self, method: str, context: grpc.aio.ServicerContext) -> object:
         """The call's one request message, or the call aborted with MESSAGE_TIMEOUT (or INTERNAL: no message)."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self._started[task] = loop.time()
+        self._started[context] = (loop.time(), method)
         if self._timer is None:
             self._timer = loop.call_at(loop.time() + self.seconds, self._expire, loop)
         try:
-            request = await context.read()
-        except asyncio.CancelledError:
-            if task not in self._late or task.uncancel() > 0:
-                raise  # the client went, or the server is stopping
-            late = ServingError(Code.MESSAGE_TIMEOUT, f"{self.seconds:g} s since the call's headers")
-            client_errors.report(method, "", late)  # the model is named in the message that never came
-            await context.abort(grpc.StatusCode[late.code.grpc_code], str(late))
+            # never cancelled: a message C-core completes as the time runs out is freed only once this read has it
+            request = await context.read()  # raises the abort's AbortError once _abort_late has ended the call
         finally:
-            self._started.pop(task, None)
-            self._late.discard(task)
-        if request is grpc.aio.EOF:  # half-closed with no message: a unary method has nothing to answer
-            await context.abort(grpc.StatusCode.INTERNAL, "the call ended without its request message")
+            self._started.pop(context, None)
+            self._late.discard(context)
+        if request is grpc.aio.EOF:  # half-closed with no message, or a call C-core ended (a message it refused)
+            await _abort(context, grpc.StatusCode.INTERNAL, "the call ended without its request message")
         return request
 
     def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         limit = loop.time() - self.seconds
-        for task, started in list(self._started.items()):
+        while self._started:  # from the oldest, and no further than the first call still in time
+            context, (started, method) = next(iter(self._started.items()))
             if started > limit:
                 self._timer = loop.call_at(started + self.seconds, self._expire, loop)
                 return
-            del self._started[task]
-            self._late.add(task)
-            task.cancel()
+            del self._started[context]
+            self._late.add(context)
+            task = loop.create_task(self._abort_late(method, context))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
+
+    async def _abort_late(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """From its own task, so the call's read is left to end when C-core ends the call."""
+        if context not in self._late:
+            return  # the message came in the loop step the time ran out in: it is answered
+        self._late.discard(context)
+        late = ServingError(Code.MESSAGE_TIMEOUT, f"{self.seconds:g} s since the call's headers")
+        client_errors.report(method, "", late)  # the model is named in the message that never came
+        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.InternalError):  # sent; or the call had ended
+            await context.abort(grpc.StatusCode[late.code.grpc_code], str(late))
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """context.abort; if C-core had ended the call itself (with its own status), ended as a call the client
+    cancelled is: grpc.aio would log the failed send with a traceback, once per such call."""
+    try:
+        await context.abort(code, details)
+    except grpc.aio.InternalError:  # ExecuteBatchError: the status was not sent, the call is over
+        raise asyncio.CancelledError from None
+    raise AssertionError("unreachable")  # context.abort always raises
 
 
 def bounded(method: str, handler: grpc.RpcMethodHandler, deadlines: Deadlines) -> grpc.RpcMethodHandler:
