@@ -330,6 +330,38 @@ def test_malformed_protobuf_is_invalid_argument_without_a_traceback(env: Env, me
     assert "Traceback" not in env.server.log[start:]
 
 
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ("/inference.GRPCInferenceService/ModelMetadata", "unary_unary"),
+        ("/inference.GRPCInferenceService/ServerReady", "unary_unary"),
+        ("/tensorflow.serving.PredictionService/GetModelMetadata", "unary_unary"),
+        ("/tensorflow.serving.ModelService/GetModelStatus", "unary_unary"),
+        ("/grpc.health.v1.Health/Check", "unary_unary"),
+        ("/grpc.health.v1.Health/Watch", "unary_stream"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+    ],
+)
+def test_malformed_protobuf_to_any_other_method_is_invalid_argument_without_a_traceback(
+    env: Env, method: str, kind: str
+) -> None:
+    """Where grpc.aio's own deserializing answered UNKNOWN and logged a traceback for every such call."""
+    start = len(env.server.log)
+    channel = grpc.insecure_channel(env.server.address)
+    call = getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        if kind == "unary_unary":
+            call(b"\x80", timeout=30)
+        else:
+            list(call(iter([b"\x80"]) if kind == "stream_stream" else b"\x80", timeout=30))
+    channel.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "the request is not a valid protobuf message: Error parsing message" in (caught.value.details() or "")
+    _check_good(env)
+    log = env.server.log[start:]
+    assert "Traceback" not in log and "[ERROR]" not in log, log
+
+
 def test_client_error_log_is_bounded_over_all_models(caplog: pytest.LogCaptureFixture) -> None:
     import logging
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ..errors import Code, ServingError
 from .client_log import client_errors
@@ -45,6 +47,8 @@ class Deadlines:
         try:
             # never cancelled: a message C-core completes as the time runs out is freed only once this read has it
             request = await context.read()  # raises the abort's AbortError once _abort_late has ended the call
+        except DecodeError as exc:
+            await _refuse(method, context, exc)
         finally:
             self._started.pop(context, None)
             self._late.discard(context)
@@ -77,6 +81,25 @@ class Deadlines:
             await context.abort(grpc.StatusCode[late.code.grpc_code], str(late))
 
 
+async def _messages(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+    """A stream's request messages, as grpc.aio's request iterator gives them, but bytes that are no message refused."""
+    while True:
+        try:
+            message = await context.read()
+        except DecodeError as exc:
+            await _refuse(method, context, exc)
+        if message is grpc.aio.EOF:
+            return
+        yield message
+
+
+async def _refuse(method: str, context: grpc.aio.ServicerContext, exc: DecodeError) -> NoReturn:
+    """INVALID_ARGUMENT in one rate-limited line, where grpc.aio would answer UNKNOWN and log a traceback per call."""
+    error = ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {exc}")
+    client_errors.report(method, "", error)
+    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
     """context.abort; if C-core had ended the call itself (with its own status), ended as a call the client
     cancelled is: grpc.aio would log the failed send with a traceback, once per such call."""
@@ -89,30 +112,37 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detai
 
 def bounded(method: str, handler: grpc.RpcMethodHandler, deadlines: Deadlines) -> grpc.RpcMethodHandler:
     """`handler` with its one request message read within `deadlines.seconds` of the call's start
-    (DEADLINE_EXCEEDED if not); stream-request methods as they are: a stream is idle between messages by right
-    (README, Known limits)."""
-    if handler.request_streaming:
+    (DEADLINE_EXCEEDED if not), and bytes that are not its request message answered INVALID_ARGUMENT. A stream is
+    idle between messages by right (README, Known limits): its messages are only checked, and not even that where
+    the deserializer is one of ours (kserve_wire.parse answers bad bytes itself)."""
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if handler.request_streaming and not hasattr(getattr(deserialize, "__self__", None), "DESCRIPTOR"):
         return handler
-    behaviour: Behaviour = handler.unary_unary or handler.unary_stream
+    behaviour: Behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
         raise TypeError(f"{method}: a grpc.aio behaviour must be a coroutine or an async generator function")
-    serialize, deserialize = handler.response_serializer, handler.request_deserializer
-    read = deadlines.read
+
+    request: Callable[[grpc.aio.ServicerContext], Awaitable[object]] = functools.partial(deadlines.read, method)
+    if handler.request_streaming:
+
+        async def request(context: grpc.aio.ServicerContext) -> object:  # the behaviour's request iterator
+            return _messages(method, context)
+
     if not handler.response_streaming:
 
         async def unary(_: object, context: grpc.aio.ServicerContext) -> object:
-            return await behaviour(await read(method, context), context)
+            return await behaviour(await request(context), context)
 
         return grpc.stream_unary_rpc_method_handler(unary, deserialize, serialize)
     if inspect.isasyncgenfunction(behaviour):
 
         async def streamed(_: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
-            async for response in behaviour(await read(method, context), context):
+            async for response in behaviour(await request(context), context):
                 yield response
 
         return grpc.stream_stream_rpc_method_handler(streamed, deserialize, serialize)
 
     async def written(_: object, context: grpc.aio.ServicerContext) -> None:  # writes its replies with context.write
-        await behaviour(await read(method, context), context)
+        await behaviour(await request(context), context)
 
     return grpc.stream_stream_rpc_method_handler(written, deserialize, serialize)
