@@ -271,3 +271,17 @@ def _tensor_proto():  # type: ignore[no-untyped-def]
 
     shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in (1, 10)])
     return tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=shape, float_val=[1.0] * 10)
+
+
+def test_a_sync_behaviour_is_served_as_it_was_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A library servicer that grows a sync method keeps serving it (grpc.aio runs it in a thread), said once."""
+    import logging
+
+    import grpc
+
+    from engine.frontend.receive import Deadlines, bounded
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
+    with caplog.at_level(logging.WARNING, "hotserve.grpc"):
+        assert bounded("/x.Y/Z", handler, Deadlines(1.0)) is handler
+    assert "/x.Y/Z is not async: served without --grpc_receive_timeout_seconds" in caplog.text

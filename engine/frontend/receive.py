@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
@@ -22,6 +23,8 @@ from google.protobuf.message import DecodeError
 
 from ..errors import Code, ServingError
 from .client_log import client_errors
+
+log = logging.getLogger("hotserve.grpc")
 
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 
@@ -120,7 +123,9 @@ def bounded(method: str, handler: grpc.RpcMethodHandler, deadlines: Deadlines) -
         return handler
     behaviour: Behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
-        raise TypeError(f"{method}: a grpc.aio behaviour must be a coroutine or an async generator function")
+        # a library's servicer grown a sync method: grpc.aio runs it in a thread, served as before rather than not
+        log.warning("%s is not async: served without --grpc_receive_timeout_seconds and message checks", method)
+        return handler
 
     request: Callable[[grpc.aio.ServicerContext], Awaitable[object]] = functools.partial(deadlines.read, method)
     if handler.request_streaming:
