@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import contextlib
 
 import modelgen
 from certs import CA
-from harness import ServerProcess
+from harness import ServerProcess, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 X = np.arange(10, dtype=np.float32).reshape(1, 10)
@@ -52,12 +51,6 @@ LABELS = {
     "rest_junk": f"REST junk ({JUNK_MB} MB JSON)",
     "rest_junk_medium": "REST junk (0.9 MB JSON, many)",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _samples(client, model: str, name: str, x: np.ndarray, seconds: float) -> list[float]:  # type: ignore[no-untyped-def]

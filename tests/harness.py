@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -17,10 +18,18 @@ STARTUP_TIMEOUT = 60.0
 
 
 def free_port() -> int:
-    """A port that was free a moment ago (for servers that must come back on the same one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now (for servers that must come back on the same one, or a second port of one server), taken
+    from below the kernel's ephemeral range: a `--port 0` server started meanwhile can never be handed it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 16384), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))  # the REST port binds every address
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range ({low})")
 
 
 class ServerProcess:
