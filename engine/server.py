@@ -16,6 +16,7 @@ from . import cache as cache_rules
 from .frontend import kserve, offload, rest, stream, tfs
 from .frontend.dataplane import DataPlane
 from .frontend.health import Health, enable_reflection
+from .frontend.receive import Deadlines
 from .frontend.registration import GenericOnly
 from .metrics import Metrics
 from .reconciler import Reconciler
@@ -114,7 +115,7 @@ class Server:
 
     def _register_services(self, server: grpc.aio.Server) -> None:
         # KServe first: generic handlers are tried in the order they came
-        registrar = GenericOnly(server, self.settings.grpc_receive_timeout_seconds)
+        registrar = GenericOnly(server, Deadlines(self.settings.grpc_receive_timeout_seconds))
         services = [kserve.register(registrar, self.plane, self.streams), *tfs.register(registrar, self.plane)]
         services.append(self.health.register(registrar))
         enable_reflection(registrar, services)

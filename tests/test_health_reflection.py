@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from engine.frontend.dataplane import DataPlane
 from engine.frontend.health import Health
+from engine.frontend.receive import Deadlines
 from engine.frontend.registration import GenericOnly
 from engine.registry import Registry
 from engine.status import ReloadResult, State, VersionStatus
@@ -109,7 +110,7 @@ def test_overall_is_not_serving_until_ready_and_after_shutdown() -> None:
         plane = DataPlane(registry, reload, lambda: None, reshape)
         health = Health(plane)
         server = grpc.aio.server()
-        health.register(GenericOnly(server, 120.0))
+        health.register(GenericOnly(server, Deadlines(120.0)))
         port = server.add_insecure_port("127.0.0.1:0")
         await health.start()
         # start() itself must have set it (the server starts gRPC next), not a task that runs later

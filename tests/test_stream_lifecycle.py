@@ -86,6 +86,7 @@ async def _scenario(name: str, root: Path) -> dict[str, Any]:
     from engine.frontend import kserve, stream
     from engine.frontend.generated.inference import grpc_service_pb2 as pb
     from engine.frontend.generated.inference import grpc_service_pb2_grpc as pb_grpc
+    from engine.frontend.receive import Deadlines
     from engine.frontend.registration import GenericOnly
 
     env = Env(root)
@@ -97,7 +98,7 @@ async def _scenario(name: str, root: Path) -> dict[str, Any]:
     old = env.served("m", 1)
     streams = stream.Streams()
     server = grpc.aio.server()
-    kserve.register(GenericOnly(server, 120.0), env.plane, streams)
+    kserve.register(GenericOnly(server, Deadlines(120.0)), env.plane, streams)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     seen: dict[str, Any] = {}
@@ -156,6 +157,7 @@ async def _route(env: Any) -> dict[str, Any]:
     from engine.frontend import kserve, stream
     from engine.frontend.generated.inference import grpc_service_pb2 as pb
     from engine.frontend.generated.inference import grpc_service_pb2_grpc as pb_grpc
+    from engine.frontend.receive import Deadlines
     from engine.frontend.registration import GenericOnly
 
     for version in (1, 2):
@@ -164,7 +166,7 @@ async def _route(env: Any) -> dict[str, Any]:
     assert (await env.reload()).ok
     routes = env.registry.models["m"].routes
     server = grpc.aio.server()
-    kserve.register(GenericOnly(server, 120.0), env.plane, stream.Streams())
+    kserve.register(GenericOnly(server, Deadlines(120.0)), env.plane, stream.Streams())
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     seen: dict[str, Any] = {}

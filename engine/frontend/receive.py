@@ -100,7 +100,7 @@ async def _refuse(method: str, context: grpc.aio.ServicerContext, exc: DecodeErr
     """INVALID_ARGUMENT in one rate-limited line, where grpc.aio would answer UNKNOWN and log a traceback per call."""
     error = ServingError(Code.INVALID_ARGUMENT, f"the request is not a valid protobuf message: {exc}")
     client_errors.report(method, "", error)
-    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    await _abort(context, grpc.StatusCode[error.code.grpc_code], str(error))
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -127,11 +127,14 @@ def bounded(method: str, handler: grpc.RpcMethodHandler, deadlines: Deadlines) -
         log.warning("%s is not async: served without --grpc_receive_timeout_seconds and message checks", method)
         return handler
 
-    request: Callable[[grpc.aio.ServicerContext], Awaitable[object]] = functools.partial(deadlines.read, method)
+    request: Callable[[grpc.aio.ServicerContext], Awaitable[object]]
     if handler.request_streaming:
 
         async def request(context: grpc.aio.ServicerContext) -> object:  # the behaviour's request iterator
             return _messages(method, context)
+
+    else:
+        request = functools.partial(deadlines.read, method)  # no coroutine of ours between the call and its read
 
     if not handler.response_streaming:
 

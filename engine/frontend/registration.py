@@ -23,11 +23,11 @@ class GenericOnly:
     def __init__(
         self,
         server: grpc.aio.Server,
-        receive_timeout: float | Deadlines,
+        deadlines: Deadlines,
         replace: Mapping[str, grpc.RpcMethodHandler] | None = None,
     ) -> None:
         self._server = server
-        self._deadlines = receive_timeout if isinstance(receive_timeout, Deadlines) else Deadlines(receive_timeout)
+        self._deadlines = deadlines  # one for the whole server: one timer
         self._replace = dict(replace or {})
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
